@@ -63,9 +63,9 @@ enum class Strategy : int64_t { kBatchHard = 0, kBatchAll = 1, kSemiHard = 2 };
               " must be on the device of ", name_a, " (", (a).device(), "), got ",     \
               (b).device())
 
-#define TC_CHECK_DEVICE_TYPE(x, name, type)                                            \
-  TORCH_CHECK((x).device().type() == (type), "triplet_cuda: ", name, " must be a ",    \
-              (type), " tensor here, got ", (x).device())
+#define TC_CHECK_DEVICE_TYPE(x, name, DEVICE_TYPE)                                     \
+  TORCH_CHECK((x).device().type() == (DEVICE_TYPE), "triplet_cuda: ", name,            \
+              " must be a ", (DEVICE_TYPE), " tensor here, got ", (x).device())
 
 #define TC_CHECK_SHAPE(x, name, ...)                                                     \
   TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), "triplet_cuda: ", name,     \

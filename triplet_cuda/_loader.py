@@ -47,7 +47,7 @@ def _load_jit() -> str:
     except ImportError as e:
         raise ImportError(
             "triplet_cuda: no prebuilt extension and no ninja for the JIT build; "
-            "install it with `pip install ninja` (and a C++17 compiler)"
+            "install it with `pip install ninja` (and a C++20 compiler)"
         ) from e
     with_cuda = _build.cuda_buildable()
     name = "triplet_cuda_jit_cuda" if with_cuda else "triplet_cuda_jit_cpu"
@@ -64,7 +64,7 @@ def _load_jit() -> str:
         )
     except (RuntimeError, OSError) as e:
         raise RuntimeError(
-            "triplet_cuda: the JIT build of the C++ ops failed. It needs a C++17 compiler "
+            "triplet_cuda: the JIT build of the C++ ops failed. It needs a C++20 compiler "
             "(g++ or clang++), ninja, and for CUDA a toolkit matching torch.version.cuda. "
             "Set TRIPLET_CUDA_VERBOSE=1 to see the compiler output."
         ) from e

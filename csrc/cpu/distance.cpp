@@ -1,0 +1,117 @@
+// CPU distance blocks and their gradient (see distance.h).
+#include "distance.h"
+
+namespace triplet_cuda {
+namespace cpu {
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Prepared prepare(const at::Tensor& x, Metric metric) {
+  Prepared p;
+  p.e = x.to(acc_type(x.scalar_type())).contiguous();
+  p.sqnorm = p.e.square().sum(1);
+  if (metric == Metric::kCosine) {
+    p.aux = p.sqnorm.sqrt().clamp_min(kCosineEps).reciprocal();
+    const double eps2 = kCosineEps * kCosineEps;
+    p.scale = at::where(p.sqnorm > eps2, p.sqnorm.reciprocal(), at::zeros_like(p.sqnorm));
+  } else {
+    p.aux = p.sqnorm;
+    p.scale = at::ones_like(p.sqnorm);
+  }
+  return p;
+}
+
+int64_t block_rows(int64_t rows, int64_t cols, int64_t elem_size) {
+  constexpr int64_t kBlockBytes = int64_t(8) << 20;
+  const int64_t b = kBlockBytes / std::max<int64_t>(cols * elem_size, 1);
+  return std::max<int64_t>(1, std::min(rows, b));
+}
+
+namespace {
+
+template <typename T, Metric M>
+void dot_to_distance(at::Tensor& G, const T* aux_rows, const T* aux_cols) {
+  const int64_t B = G.size(0), Mc = G.size(1);
+  T* g = G.data_ptr<T>();
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      T* row = g + i * Mc;
+      const T ai = aux_rows[i];
+      for (int64_t j = 0; j < Mc; ++j) row[j] = distance_from_dot<M>(row[j], ai, aux_cols[j]);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor distance_block(const Prepared& x, int64_t r0, int64_t B, const Prepared& y,
+                          Metric metric) {
+  at::Tensor G = at::mm(x.e.narrow(0, r0, B), y.e.t());
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "distance_block", [&] {
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      dot_to_distance<scalar_t, kM>(G, x.aux.data_ptr<scalar_t>() + r0, y.aux.data_ptr<scalar_t>());
+    });
+  });
+  return G;
+}
+
+namespace {
+
+// Overwrites W with the cross coefficients K_ij (d/dx_i gets K_ij y_j, d/dy_j gets K_ij x_i)
+// and dist with the self coefficients Q_ij (d/dx_i gets Q_ij s_i x_i, d/dy_j gets Q_ij s_j y_j,
+// where s is 1 for the euclidean metrics and 1/||.||^2 (0 below eps) for cosine).
+template <typename T, Metric M>
+void grad_coefficients(at::Tensor& W, at::Tensor& dist, const T* aux_rows, const T* aux_cols) {
+  const int64_t B = W.size(0), Mc = W.size(1);
+  T* w = W.data_ptr<T>();
+  T* d = dist.data_ptr<T>();
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      T* wr = w + i * Mc;
+      T* dr = d + i * Mc;
+      for (int64_t j = 0; j < Mc; ++j) {
+        const T g = wr[j];
+        if constexpr (M == Metric::kCosine) {
+          wr[j] = -g * aux_rows[i] * aux_cols[j];
+          dr[j] = g * (T(1) - dr[j]);
+        } else {
+          T s;
+          if constexpr (M == Metric::kEuclidean) {
+            s = dr[j] > T(0) ? g / dr[j] : T(0);
+          } else {
+            s = T(2) * g;
+          }
+          wr[j] = -s;
+          dr[j] = s;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void accumulate_distance_grad(at::Tensor& W, at::Tensor& dist, const Prepared& x, int64_t r0,
+                              const Prepared& y, Metric metric, at::Tensor& grad_x,
+                              at::Tensor& grad_y) {
+  const int64_t B = W.size(0);
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "accumulate_distance_grad", [&] {
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      grad_coefficients<scalar_t, kM>(W, dist, x.aux.data_ptr<scalar_t>() + r0,
+                                      y.aux.data_ptr<scalar_t>());
+    });
+  });
+  const at::Tensor xb = x.e.narrow(0, r0, B);
+  const at::Tensor row_self = dist.sum(1) * x.scale.narrow(0, r0, B);
+  const at::Tensor col_self = dist.sum(0) * y.scale;
+  at::Tensor gx = grad_x.narrow(0, r0, B);
+  gx.addcmul_(row_self.unsqueeze(1), xb);
+  gx.addmm_(W, y.e);
+  grad_y.addcmul_(col_self.unsqueeze(1), y.e);
+  grad_y.addmm_(W.t(), xb);
+}
+
+}  // namespace cpu
+}  // namespace triplet_cuda

@@ -1,0 +1,149 @@
+// CPU building blocks shared by every CPU kernel: embeddings prepared once,
+// distance blocks (BLAS dot products + a fused epilogue), exact pair distances,
+// the gradient of a distance, and the row-block drivers of the fused passes.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "../common.h"
+
+namespace triplet_cuda {
+namespace cpu {
+
+// Embeddings converted once to the accumulation dtype (float64 for float64 input,
+// float32 otherwise), contiguous, with per-row statistics.
+struct Prepared {
+  at::Tensor e;       // (N, D) accumulation dtype, contiguous
+  at::Tensor sqnorm;  // (N) ||e_i||^2
+  at::Tensor aux;     // (N) euclidean metrics: ||e_i||^2; cosine: 1 / max(||e_i||, eps)
+  at::Tensor scale;   // (N) gradient self-term scale: 1, or for cosine 1/||e_i||^2 (0 below eps)
+  int64_t rows() const { return e.size(0); }
+};
+
+// x: (N, D) any floating dtype and strides -> Prepared.
+Prepared prepare(const at::Tensor& x, Metric metric);
+
+at::ScalarType acc_type(at::ScalarType t);
+
+// Rows per block so that one (rows, cols) block of the accumulation dtype stays near 8 MiB.
+int64_t block_rows(int64_t rows, int64_t cols, int64_t elem_size);
+
+// Distances between rows [r0, r0 + B) of x and every row of y: (B, M), accumulation dtype.
+at::Tensor distance_block(const Prepared& x, int64_t r0, int64_t B, const Prepared& y, Metric metric);
+
+// Adds the gradient of sum_ij W_ij d(x_{r0+i}, y_j) to grad_x rows [r0, r0+B) and to grad_y.
+// W, dist: (B, M) accumulation dtype (both are overwritten); grad_x: (N, D), grad_y: (M, D),
+// accumulation dtype (they may be the same tensor when x is y).
+void accumulate_distance_grad(at::Tensor& W, at::Tensor& dist, const Prepared& x, int64_t r0,
+                              const Prepared& y, Metric metric, at::Tensor& grad_x,
+                              at::Tensor& grad_y);
+
+// Distance from a dot product and the two rows' aux values (see Prepared::aux).
+template <Metric M, typename T>
+inline T distance_from_dot(T dot, T aux_a, T aux_b) {
+  if constexpr (M == Metric::kCosine) {
+    return T(1) - dot * aux_a * aux_b;
+  } else {
+    const T sq = std::max(aux_a + aux_b - T(2) * dot, T(0));
+    if constexpr (M == Metric::kEuclidean) {
+      return std::sqrt(sq);
+    } else {
+      return sq;
+    }
+  }
+}
+
+// Exact distance of one pair from its rows (explicit differences, no Gram cancellation).
+template <Metric M, typename T>
+inline T pair_distance(const T* a, const T* b, int64_t D, T aux_a, T aux_b) {
+  T acc = 0;
+  if constexpr (M == Metric::kCosine) {
+    for (int64_t k = 0; k < D; ++k) acc += a[k] * b[k];
+    return T(1) - acc * aux_a * aux_b;
+  } else {
+    for (int64_t k = 0; k < D; ++k) {
+      const T diff = a[k] - b[k];
+      acc += diff * diff;
+    }
+    if constexpr (M == Metric::kEuclidean) {
+      return std::sqrt(acc);
+    } else {
+      return acc;
+    }
+  }
+}
+
+// Gradient of g * d(a, b) in linear form: d/da = ca * a + cab * b, d/db = cab * a + cb * b.
+// d is the pair's distance; sq_* the squared norms; aux_* as Prepared::aux.
+template <typename T>
+struct PairGrad {
+  T ca, cab, cb;
+};
+
+template <Metric M, typename T>
+inline PairGrad<T> pair_grad(T g, T d, T sq_a, T sq_b, T aux_a, T aux_b) {
+  if constexpr (M == Metric::kCosine) {
+    // d = 1 - c, c = <a,b> inv_a inv_b;  dd/da = -inv_a inv_b b + c a / ||a||^2 (||a|| > eps)
+    const T c = T(1) - d;
+    const T eps2 = static_cast<T>(kCosineEps * kCosineEps);
+    const T ma = sq_a > eps2 ? T(1) / sq_a : T(0);
+    const T mb = sq_b > eps2 ? T(1) / sq_b : T(0);
+    return {g * c * ma, -g * aux_a * aux_b, g * c * mb};
+  } else {
+    T s;
+    if constexpr (M == Metric::kEuclidean) {
+      s = d > T(0) ? g / d : T(0);  // the gradient of ||a - b|| at a == b is 0
+    } else {
+      s = T(2) * g;
+    }
+    return {s, -s, s};
+  }
+}
+
+// Calls row_fn(i, dist_row) for every row i of x, dist_row pointing at the M distances
+// d(x_i, y_j), j = 0..M-1, computed block by block (never N x M at once). Rows run in
+// parallel; row_fn must only write state owned by row i.
+template <typename T, Metric M, typename RowFn>
+void for_each_distance_row(const Prepared& x, const Prepared& y, RowFn&& row_fn) {
+  const int64_t N = x.rows(), Mc = y.rows();
+  const int64_t B = block_rows(N, Mc, sizeof(T));
+  for (int64_t r0 = 0; r0 < N; r0 += B) {
+    const int64_t b = std::min(B, N - r0);
+    const at::Tensor dist = distance_block(x, r0, b, y, M);
+    const T* dp = dist.data_ptr<T>();
+    at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) row_fn(r0 + i, dp + i * Mc);
+    });
+  }
+}
+
+// Gradient of a loss that is a function of the distance matrix of x with itself:
+// weight_fn(i, dist_row, weight_row) writes d loss / d d(x_i, x_j) for all j of row i.
+// Returns (N, D) in the accumulation dtype. Deterministic: the per-block matrix products
+// are accumulated in a fixed order.
+template <typename T, Metric M, typename WeightFn>
+at::Tensor dense_backward(const Prepared& x, WeightFn&& weight_fn) {
+  const int64_t N = x.rows();
+  at::Tensor grad = at::zeros_like(x.e);
+  const int64_t B = block_rows(N, N, 2 * sizeof(T));
+  for (int64_t r0 = 0; r0 < N; r0 += B) {
+    const int64_t b = std::min(B, N - r0);
+    at::Tensor dist = distance_block(x, r0, b, x, M);
+    at::Tensor W = at::empty_like(dist);
+    const T* dp = dist.data_ptr<T>();
+    T* wp = W.data_ptr<T>();
+    at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) weight_fn(r0 + i, dp + i * N, wp + i * N);
+    });
+    accumulate_distance_grad(W, dist, x, r0, x, M, grad, grad);
+  }
+  return grad;
+}
+
+}  // namespace cpu
+}  // namespace triplet_cuda

@@ -1,0 +1,33 @@
+// Argument checks shared by the CPU entry points.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../common.h"
+
+namespace triplet_cuda {
+namespace cpu {
+
+// Checks (embeddings (N, D), labels (N,), metric) of a CPU op and returns the labels as
+// contiguous int64.
+inline at::Tensor check_batch(const at::Tensor& embeddings, const at::Tensor& labels,
+                              int64_t metric) {
+  TC_CHECK_EMBEDDINGS(embeddings, "embeddings");
+  TC_CHECK_DEVICE_TYPE(embeddings, "embeddings", c10::kCPU);
+  TC_CHECK_LABELS(labels, embeddings);
+  TC_CHECK_METRIC(metric);
+  return labels.to(at::kLong).contiguous();
+}
+
+// A 0-d tensor of the accumulation dtype of `like` holding v.
+inline at::Tensor acc_scalar(double v, const at::Tensor& like) {
+  return at::scalar_tensor(v, like.options().dtype(
+                                  like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
+
+inline at::Tensor long_scalar(int64_t v, const at::Tensor& like) {
+  return at::scalar_tensor(v, like.options().dtype(at::kLong));
+}
+
+}  // namespace cpu
+}  // namespace triplet_cuda
