@@ -1,9 +1,11 @@
-// Batch-all triplet loss on CPU without the N x N x N tensor: per anchor, sort the negative
-// distances once; each positive's active negatives are a prefix found by binary search.
-// O(N^2 log N) time, O(block * N) memory.
+// Batch-all triplet loss on CPU without the N x N x N tensor. Per anchor, the positives are
+// sorted once; for each negative the active positives (d_ap - d_an + margin > 0) are a suffix
+// of them, found by binary search, and suffix sums give the sum of its active terms.
+// O(N^2 log K) time for K positives per anchor, O(block * N) memory.
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "loss.h"
@@ -19,64 +21,67 @@ struct BatchAllRows {
   T margin;
   BatchAllRows(const int64_t* l, int64_t n, T mg) : lab(l), N(n), margin(mg) {}
 
-  // A triplet is active iff d_ap - d_an + margin > 0, evaluated exactly so in T. For a fixed
-  // d_ap it is true for a prefix of the ascending d_an, for a fixed d_an for a suffix of the
-  // ascending d_ap, so binary searches count active triplets exactly.
-  bool active(T d_ap, T d_an) const { return d_ap - d_an + margin > T(0); }
+  using Pos = std::pair<T, int64_t>;  // (distance, index)
 
-  void split(int64_t a, const T* d, std::vector<T>& pos, std::vector<T>& neg) const {
+  // Anchor a's positives sorted by distance, and its number of negatives.
+  int64_t sorted_positives(int64_t a, const T* d, std::vector<Pos>& pos) const {
+    int64_t negatives = 0;
     for (int64_t j = 0; j < N; ++j) {
       if (lab[j] != lab[a]) {
-        neg.push_back(d[j]);
+        ++negatives;
       } else if (j != a) {
-        pos.push_back(d[j]);
+        pos.emplace_back(d[j], j);
       }
     }
+    std::sort(pos.begin(), pos.end());
+    return negatives;
   }
 
-  // Active negatives of a positive at distance d_ap, given the ascending negatives.
-  int64_t count_neg(const std::vector<T>& neg_sorted, T d_ap) const {
-    return std::partition_point(neg_sorted.begin(), neg_sorted.end(),
-                                [&](T d_an) { return active(d_ap, d_an); }) -
-           neg_sorted.begin();
-  }
-
-  // Active positives of a negative at distance d_an, given the ascending positives.
-  int64_t count_pos(const std::vector<T>& pos_sorted, T d_an) const {
-    return pos_sorted.end() - std::partition_point(pos_sorted.begin(), pos_sorted.end(),
-                                                   [&](T d_ap) { return !active(d_ap, d_an); });
+  // Number of active positives for a negative at d_an. The predicate is evaluated exactly as
+  // d_ap - d_an + margin > 0 in T; it is monotone in d_ap, so the active positives are a suffix
+  // of the ascending ones and the count is exact.
+  int64_t active_positives(const std::vector<Pos>& pos, T d_an) const {
+    const auto first_active = std::partition_point(
+        pos.begin(), pos.end(), [&](const Pos& p) { return !(p.first - d_an + margin > T(0)); });
+    return pos.end() - first_active;
   }
 
   RowTotals forward(int64_t a, const T* d) const {
-    std::vector<T> pos, neg;
-    split(a, d, pos, neg);
+    std::vector<Pos> pos;
+    const int64_t negatives = sorted_positives(a, d, pos);
     RowTotals t;
-    if (pos.empty() || neg.empty()) return t;
-    std::sort(neg.begin(), neg.end());
-    std::vector<double> prefix(neg.size() + 1, 0.0);
-    for (size_t k = 0; k < neg.size(); ++k) prefix[k + 1] = prefix[k] + neg[k];
-    for (const T d_ap : pos) {
-      const int64_t c = count_neg(neg, d_ap);
-      t.sum += c * (static_cast<double>(d_ap) + static_cast<double>(margin)) - prefix[c];
+    if (pos.empty() || negatives == 0) return t;
+    const int64_t P = static_cast<int64_t>(pos.size());
+    std::vector<double> top(P + 1, 0.0);  // top[c]: sum of the c largest positive distances
+    for (int64_t c = 1; c <= P; ++c) top[c] = top[c - 1] + static_cast<double>(pos[P - c].first);
+    for (int64_t j = 0; j < N; ++j) {
+      if (lab[j] == lab[a]) continue;
+      const int64_t c = active_positives(pos, d[j]);
+      t.sum += top[c] + c * (static_cast<double>(margin) - static_cast<double>(d[j]));
       t.positive += c;
     }
-    t.valid = static_cast<int64_t>(pos.size()) * static_cast<int64_t>(neg.size());
+    t.valid = P * negatives;
     return t;
   }
 
   void weights(int64_t a, const T* d, T g, T* w) const {
-    std::vector<T> pos, neg;
-    split(a, d, pos, neg);
     std::fill(w, w + N, T(0));
-    if (pos.empty() || neg.empty()) return;
-    std::sort(pos.begin(), pos.end());
-    std::sort(neg.begin(), neg.end());
+    std::vector<Pos> pos;
+    const int64_t negatives = sorted_positives(a, d, pos);
+    if (pos.empty() || negatives == 0) return;
+    const int64_t P = static_cast<int64_t>(pos.size());
+    // starts[k]: negatives whose active suffix starts at sorted positive k.
+    std::vector<int64_t> starts(P + 1, 0);
     for (int64_t j = 0; j < N; ++j) {
-      if (lab[j] != lab[a]) {
-        w[j] = -g * static_cast<T>(count_pos(pos, d[j]));
-      } else if (j != a) {
-        w[j] = g * static_cast<T>(count_neg(neg, d[j]));
-      }
+      if (lab[j] == lab[a]) continue;
+      const int64_t c = active_positives(pos, d[j]);
+      w[j] = -g * static_cast<T>(c);
+      ++starts[P - c];
+    }
+    int64_t active_negatives = 0;  // negatives active with sorted positive k
+    for (int64_t k = 0; k < P; ++k) {
+      active_negatives += starts[k];
+      w[pos[k].second] = g * static_cast<T>(active_negatives);
     }
   }
 };

@@ -20,36 +20,70 @@ struct SemiHardRows {
 
   using Neg = std::pair<T, int64_t>;  // (distance, index)
 
-  // Anchor a's negatives sorted by (distance, index).
-  std::vector<Neg> sorted_negatives(int64_t a, const T* d) const {
-    std::vector<Neg> neg;
+  // Up to this many positives per anchor, one scan over the negatives serves all of them
+  // (O(N * K)); above it, the negatives are sorted once and each positive binary-searches
+  // (O(N log N + K log N)). Both give the same choice.
+  static constexpr size_t kScanMaxPositives = 16;
+
+  // Calls fn(p, chosen negative (distance, index), term) for every positive p of anchor a, in
+  // ascending p. The chosen negative is the nearest one with d_an > d_ap, else the farthest
+  // one; ties go to the lowest index.
+  template <typename Fn>
+  void for_each_pair(int64_t a, const T* d, Fn&& fn) const {
+    std::vector<int64_t> pos;
+    int64_t negatives = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      if (lab[j] != lab[a]) {
+        ++negatives;
+      } else if (j != a) {
+        pos.push_back(j);
+      }
+    }
+    if (pos.empty() || negatives == 0) return;
+    if (pos.size() <= kScanMaxPositives) {
+      scan_select(a, d, pos, fn);
+    } else {
+      sort_select(a, d, pos, fn);
+    }
+  }
+
+  template <typename Fn>
+  void scan_select(int64_t a, const T* d, const std::vector<int64_t>& pos, Fn& fn) const {
+    const size_t P = pos.size();
+    std::vector<Neg> nearest_outside(P, Neg(T(0), -1));
+    Neg farthest(T(0), -1);
+    // Ascending j with strict comparisons: ties keep the lowest index.
+    for (int64_t j = 0; j < N; ++j) {
+      if (lab[j] == lab[a]) continue;
+      const T dj = d[j];
+      if (farthest.second < 0 || dj > farthest.first) farthest = Neg(dj, j);
+      for (size_t k = 0; k < P; ++k) {
+        Neg& best = nearest_outside[k];
+        if (dj > d[pos[k]] && (best.second < 0 || dj < best.first)) best = Neg(dj, j);
+      }
+    }
+    for (size_t k = 0; k < P; ++k) {
+      const Neg& n = nearest_outside[k].second >= 0 ? nearest_outside[k] : farthest;
+      fn(pos[k], n, d[pos[k]] - n.first + margin);
+    }
+  }
+
+  template <typename Fn>
+  void sort_select(int64_t a, const T* d, const std::vector<int64_t>& pos, Fn& fn) const {
+    std::vector<Neg> neg;  // sorted by (distance, index)
     for (int64_t j = 0; j < N; ++j) {
       if (lab[j] != lab[a]) neg.emplace_back(d[j], j);
     }
     std::sort(neg.begin(), neg.end());
-    return neg;
-  }
-
-  // The chosen negative for a positive at distance d_ap (neg non-empty): the nearest negative
-  // with d_an > d_ap, else the farthest one; ties go to the lowest index.
-  const Neg& select(const std::vector<Neg>& neg, T d_ap) const {
-    auto it = std::partition_point(neg.begin(), neg.end(),
-                                   [&](const Neg& n) { return !(n.first > d_ap); });
-    if (it != neg.end()) return *it;
-    const T farthest = neg.back().first;
-    return *std::partition_point(neg.begin(), neg.end(),
-                                 [&](const Neg& n) { return n.first < farthest; });
-  }
-
-  // Calls fn(p, chosen negative, term) for every positive p of anchor a, ascending p.
-  template <typename Fn>
-  void for_each_pair(int64_t a, const T* d, Fn&& fn) const {
-    const std::vector<Neg> neg = sorted_negatives(a, d);
-    if (neg.empty()) return;
-    for (int64_t j = 0; j < N; ++j) {
-      if (j == a || lab[j] != lab[a]) continue;
-      const Neg& n = select(neg, d[j]);
-      fn(j, n, d[j] - n.first + margin);
+    const T farthest_d = neg.back().first;
+    const Neg& farthest = *std::partition_point(
+        neg.begin(), neg.end(), [&](const Neg& n) { return n.first < farthest_d; });
+    for (const int64_t p : pos) {
+      const T d_ap = d[p];
+      const auto it = std::partition_point(neg.begin(), neg.end(),
+                                           [&](const Neg& n) { return !(n.first > d_ap); });
+      const Neg& n = it != neg.end() ? *it : farthest;
+      fn(p, n, d_ap - n.first + margin);
     }
   }
 
