@@ -1,0 +1,240 @@
+// Distance building blocks of the CUDA kernels:
+//   * per-row statistics (squared norm, cosine inverse norm, cosine gradient scale),
+//   * a 64 x 64 dot-product tile accumulated over D through shared memory (FFMA, acc_t),
+//   * the metric epilogue d = f(<a,b>, |a|^2, |b|^2) and exact pair distances,
+//   * a tiled distance kernel writing (rows x cols) distances.
+//
+// Precision: float32 / float16 / bfloat16 inputs are converted to float32 when staged in
+// shared memory and every product is accumulated in float32 with plain FFMA (no tensor
+// cores, no TF32); float64 inputs use float64 throughout.
+#pragma once
+
+#include "utils.cuh"
+
+namespace triplet_cuda {
+namespace cuda {
+
+// ------------------------------------------------------------------------ row statistics
+
+// Per-row statistics in the accumulation type, stored as a (3, N) tensor:
+//   sq[i]  = ||x_i||^2
+//   inv[i] = 1 / max(||x_i||, kCosineEps)                (cosine)
+//   m[i]   = 1 / ||x_i||^2 if ||x_i||^2 > kCosineEps^2 else 0  (cosine gradient self-term)
+template <typename acc_t>
+struct RowStats {
+  const acc_t* sq;
+  const acc_t* inv;
+  const acc_t* m;
+  // Statistics of rows [i0, ...).
+  RowStats shifted(int64_t i0) const { return {sq + i0, inv + i0, m + i0}; }
+};
+
+template <typename acc_t>
+inline RowStats<acc_t> row_stats_view(const at::Tensor& stats) {
+  const int64_t n = stats.size(1);
+  const acc_t* p = stats.data_ptr<acc_t>();
+  return {p, p + n, p + 2 * n};
+}
+
+constexpr int kStatsThreads = 256;  // 8 warps, one row per warp
+
+// x: (N, D) contiguous -> stats (3, N). One warp per row; lanes stride over D and the
+// warp sum is a fixed butterfly, so the result is deterministic.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kStatsThreads)
+    row_stats_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, acc_t* __restrict__ sq,
+                     acc_t* __restrict__ inv, acc_t* __restrict__ m) {
+  const int64_t row =
+      static_cast<int64_t>(blockIdx.x) * (kStatsThreads / kWarp) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= N) return;  // the whole warp leaves together
+  const scalar_t* p = x + row * D;
+  acc_t s = 0;
+  for (int64_t k = lane; k < D; k += kWarp) {
+    const acc_t v = to_acc<acc_t>(p[k]);
+    s += v * v;
+  }
+  s = warp_sum(s);
+  if (lane == 0) {
+    const acc_t eps = static_cast<acc_t>(kCosineEps);
+    sq[row] = s;
+    inv[row] = acc_t(1) / acc_max(acc_sqrt(s), eps);
+    m[row] = s > eps * eps ? acc_t(1) / s : acc_t(0);
+  }
+}
+
+// x: (N, D) contiguous, on the current device -> (3, N) statistics of acc type.
+template <typename scalar_t, typename acc_t>
+at::Tensor compute_row_stats(const at::Tensor& x, cudaStream_t stream) {
+  const int64_t N = x.size(0), D = x.size(1);
+  at::Tensor stats =
+      at::empty({3, N}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if (N == 0) return stats;
+  acc_t* p = stats.data_ptr<acc_t>();
+  const int64_t blocks = ceil_div(N, kStatsThreads / kWarp);
+  row_stats_kernel<scalar_t, acc_t><<<grid_1d(blocks), kStatsThreads, 0, stream>>>(
+      x.data_ptr<scalar_t>(), N, D, p, p + N, p + 2 * N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return stats;
+}
+
+// ------------------------------------------------------------------------ metric math
+
+// Distance from a dot product and the two rows' statistics (Gram form).
+template <Metric M, typename acc_t>
+__device__ __forceinline__ acc_t dist_from_dot(acc_t dot, acc_t sq_a, acc_t inv_a, acc_t sq_b,
+                                               acc_t inv_b) {
+  if constexpr (M == Metric::kCosine) {
+    return acc_t(1) - dot * inv_a * inv_b;
+  } else {
+    const acc_t s = acc_max(sq_a + sq_b - acc_t(2) * dot, acc_t(0));
+    if constexpr (M == Metric::kEuclidean) {
+      return acc_sqrt(s);
+    } else {
+      return s;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ dot tiles
+
+// A block of kTileThreads = 16 x 16 threads computes a kTile x kTile (64 x 64) tile of
+// dot products <A_r, B_c>; thread (ty, tx) = (tid / 16, tid % 16) owns rows ty + 16 i and
+// columns tx + 16 j, i, j < kPer. The D axis is staged through shared memory kTileK = 16
+// columns at a time, transposed ([k][row]) and padded by one against bank conflicts.
+constexpr int kTile = 64;
+constexpr int kTileK = 16;
+constexpr int kTileThreads = 256;
+constexpr int kTileDim = 16;  // threads per tile side
+constexpr int kPer = kTile / kTileDim;  // 4 outputs per thread per side
+static_assert(kTileDim * kTileDim == kTileThreads, "16 x 16 threads");
+static_assert(kTile * kTileK == 4 * kTileThreads, "each thread stages 4 values per operand");
+
+template <typename acc_t>
+struct DotSmem {
+  acc_t a[kTileK][kTile + 1];
+  acc_t b[kTileK][kTile + 1];
+};
+
+// acc[i][j] = <A[a0 + ty + 16 i], B[b0 + tx + 16 j]> over the D columns, 0 for rows out of
+// range. A: (nA, D), B: (nB, D), contiguous. Every thread of the block must call it (it
+// synchronises); it syncs before writing shared memory, so consecutive calls may reuse sm.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void tile_dots(const scalar_t* __restrict__ A, int64_t nA, int64_t a0,
+                                          const scalar_t* __restrict__ B, int64_t nB, int64_t b0,
+                                          int64_t D, DotSmem<acc_t>& sm,
+                                          acc_t (&acc)[kPer][kPer]) {
+  const int tid = threadIdx.x;
+  const int tx = tid % kTileDim, ty = tid / kTileDim;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) acc[i][j] = acc_t(0);
+  }
+  for (int64_t k0 = 0; k0 < D; k0 += kTileK) {
+    __syncthreads();  // the previous stage (or call) is done reading sm
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int e = tid + l * kTileThreads;  // 0 .. 1023
+      const int r = e / kTileK;              // 0 .. 63
+      const int kk = e % kTileK;             // 0 .. 15, fastest: coalesced along D
+      const int64_t k = k0 + kk;
+      const int64_t ar = a0 + r, br = b0 + r;
+      sm.a[kk][r] = (ar < nA && k < D) ? to_acc<acc_t>(A[ar * D + k]) : acc_t(0);
+      sm.b[kk][r] = (br < nB && k < D) ? to_acc<acc_t>(B[br * D + k]) : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; ++kk) {
+      acc_t av[kPer], bv[kPer];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) av[i] = sm.a[kk][ty + kTileDim * i];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) bv[j] = sm.b[kk][tx + kTileDim * j];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) acc[i][j] += av[i] * bv[j];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ distance tiles
+
+// out[r * ldo + c] = d(A_r, B_c), r < nA, c < nB. One block per 64 x 64 output tile; the
+// 1-D grid enumerates tiles row-major (tile = ta * tilesB + tb).
+template <typename scalar_t, typename acc_t, typename out_t, Metric M>
+__global__ void __launch_bounds__(kTileThreads)
+    distance_kernel(const scalar_t* __restrict__ A, RowStats<acc_t> sa, int64_t nA,
+                    const scalar_t* __restrict__ B, RowStats<acc_t> sb, int64_t nB, int64_t D,
+                    out_t* __restrict__ out, int64_t ldo, int64_t tilesB) {
+  __shared__ DotSmem<acc_t> sm;
+  const int64_t tile = blockIdx.x;
+  const int64_t a0 = (tile / tilesB) * kTile;
+  const int64_t b0 = (tile % tilesB) * kTile;
+  acc_t acc[kPer][kPer];
+  tile_dots<scalar_t, acc_t>(A, nA, a0, B, nB, b0, D, sm, acc);
+  const int tx = threadIdx.x % kTileDim, ty = threadIdx.x / kTileDim;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t r = a0 + ty + kTileDim * i;
+    if (r >= nA) continue;
+    const acc_t sq_a = sa.sq[r], inv_a = sa.inv[r];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int64_t c = b0 + tx + kTileDim * j;
+      if (c >= nB) continue;
+      out[r * ldo + c] =
+          static_cast<out_t>(dist_from_dot<M>(acc[i][j], sq_a, inv_a, sb.sq[c], sb.inv[c]));
+    }
+  }
+}
+
+// Distances between the nA rows of A and the nB rows of B (both (n, D) contiguous on the
+// current device, with their statistics) into out (row stride ldo).
+template <typename scalar_t, typename acc_t, typename out_t, Metric M>
+void launch_distance(const scalar_t* A, RowStats<acc_t> sa, int64_t nA, const scalar_t* B,
+                     RowStats<acc_t> sb, int64_t nB, int64_t D, out_t* out, int64_t ldo,
+                     cudaStream_t stream) {
+  if (nA == 0 || nB == 0) return;
+  const int64_t tilesA = ceil_div(nA, kTile), tilesB = ceil_div(nB, kTile);
+  TORCH_CHECK(tilesA <= kMaxGridX / tilesB, "triplet_cuda: distance grid too large (", nA,
+              " x ", nB, ")");
+  distance_kernel<scalar_t, acc_t, out_t, M><<<grid_1d(tilesA * tilesB), kTileThreads, 0, stream>>>(
+      A, sa, nA, B, sb, nB, D, out, ldo, tilesB);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ------------------------------------------------------------------------ exact pair distance
+
+// Exact distance of the pair (a, b) by explicit differences (no Gram cancellation),
+// computed by one full warp: lanes stride over D, fixed butterfly sum. Every lane of the
+// warp must call it; every lane gets the result. inv_* are RowStats::inv (cosine only).
+template <Metric M, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t warp_pair_distance(const scalar_t* __restrict__ a,
+                                                    const scalar_t* __restrict__ b, int64_t D,
+                                                    acc_t inv_a, acc_t inv_b) {
+  const int lane = threadIdx.x % kWarp;
+  acc_t s = 0;
+  for (int64_t k = lane; k < D; k += kWarp) {
+    const acc_t va = to_acc<acc_t>(a[k]), vb = to_acc<acc_t>(b[k]);
+    if constexpr (M == Metric::kCosine) {
+      s += va * vb;
+    } else {
+      const acc_t diff = va - vb;
+      s += diff * diff;
+    }
+  }
+  s = warp_sum(s);
+  if constexpr (M == Metric::kCosine) {
+    return acc_t(1) - s * inv_a * inv_b;
+  } else if constexpr (M == Metric::kEuclidean) {
+    return acc_sqrt(s);
+  } else {
+    return s;
+  }
+}
+
+}  // namespace cuda
+}  // namespace triplet_cuda
