@@ -160,14 +160,6 @@ __global__ void combine_splits_kernel(const acc_t* __restrict__ part, int64_t sp
   }
 }
 
-constexpr int kElementwiseThreads = 256;
-
-// Grid for a grid-stride elementwise kernel over n elements.
-inline dim3 elementwise_grid(int64_t n) {
-  const int64_t blocks = ceil_div(n, kElementwiseThreads);
-  return grid_1d(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
-}
-
 // Writes (or, with accumulate, adds) one side of the gradient of sum_ij W_ij d(x_i, y_j):
 //   TRANS == false: out (nI, D) = grad w.r.t. X;  TRANS == true: out (nJ, D) = grad w.r.t. Y.
 // W, dist: (nI, ldw) row-major, w_t; X (nI, D), Y (nJ, D) contiguous; out contiguous.

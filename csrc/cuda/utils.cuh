@@ -33,7 +33,9 @@ namespace cuda {
 constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x
 constexpr int kWarp = 32;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // The accumulation dtype of an embedding dtype: float64 for float64, float32 otherwise.
 inline at::ScalarType acc_scalar_type(at::ScalarType t) {
@@ -54,6 +56,13 @@ inline dim3 grid_1d(int64_t blocks) {
   TORCH_CHECK(blocks >= 1 && blocks <= kMaxGridX, "triplet_cuda: grid of ", blocks,
               " blocks is out of range");
   return dim3(static_cast<unsigned int>(blocks));
+}
+
+// Grid of a grid-stride elementwise kernel over n elements (kElementwiseThreads threads).
+constexpr int kElementwiseThreads = 256;
+inline dim3 elementwise_grid(int64_t n) {
+  const int64_t blocks = ceil_div(n, kElementwiseThreads);
+  return grid_1d(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
 }
 
 // Shared argument checks of the (embeddings, labels, metric) CUDA ops; returns the
