@@ -176,10 +176,10 @@ void launch_pair_grad(const w_t* W, const w_t* dist, int64_t ldw, const scalar_t
   const int64_t tiles = ceil_div(nOut, kTile) * tilesK;
   TORCH_CHECK(tiles <= kMaxGridX, "triplet_cuda: gradient grid too large");
   // Split the reduction axis so that about two blocks per SM exist, in multiples of
-  // kTileK, keeping the partials under ~2^26 elements unless one split already exceeds it.
+  // kTileK, keeping the partials under ~2^24 elements unless one split already exceeds it.
   const int64_t cTiles = ceil_div(nC, kTileK) > 0 ? ceil_div(nC, kTileK) : 1;
   int64_t splits = ceil_div(2 * static_cast<int64_t>(sm_count()), tiles);
-  const int64_t cap = (int64_t(1) << 26) / (nOut * D);
+  const int64_t cap = (int64_t(1) << 24) / (nOut * D);
   splits = std::max<int64_t>(1, std::min({splits, cTiles, cap, int64_t(65535)}));
   const int64_t c_per_split = ceil_div(cTiles, splits) * kTileK;
   splits = nC > 0 ? ceil_div(nC, c_per_split) : 1;

@@ -1,0 +1,203 @@
+// Batch-all triplet loss on CUDA without the N x N x N tensor.
+//
+// Anchors are processed in row chunks (loss_common.cuh): distances of the chunk's rows to
+// all N rows go to an (R, N) acc_t workspace; per anchor row, the negatives' distances are
+// sorted ascending (keys +inf for non-negatives, one segmented at::sort per chunk), and in
+// the backward also the positives'. For a positive p the active negatives
+// (d_ap - d_an + margin > 0, evaluated exactly like that in acc_t) are a prefix of the
+// sorted negatives: a binary search gives their count c, and a float64 prefix sum of the
+// sorted distances their summed terms c (d_ap + margin) - sum_{t < c} d_an(t). For a
+// negative n the active positives are a suffix of the sorted positives.
+//
+// One block per anchor row; each thread owns columns j = tid, tid + 256, ...; row totals
+// are reduced in a fixed order (block_sum), rows in a fixed order (finalize_loss):
+// deterministic. The backward writes the dense per-row weights
+//   W[a, p] = #{n active with p},  W[a, n] = -#{p active with n}
+// (exact small integers in acc_t; each entry owned by one thread) and differentiates
+// through the distances with pair_grad.cuh. O(R * N) memory per chunk.
+#include <torch/library.h>
+
+#include "loss_common.cuh"
+
+namespace triplet_cuda {
+namespace cuda {
+namespace {
+
+// Bytes of chunk workspace per (row, column) element: distances, keys, sorted values
+// and their int64 sort indices for one or two key sets, float64 prefix sums.
+template <typename acc_t>
+constexpr int64_t batch_all_bytes_per_elem() {
+  return 5 * static_cast<int64_t>(sizeof(acc_t)) + 2 * 8 + 2 * 8 + 8;
+}
+
+// One block per anchor row of the chunk (a = i0 + blockIdx.x).
+//   sn: the row's sorted keys of negatives (first Q entries are its negatives' distances);
+//   cn: float64 inclusive prefix sums of sn (forward only);
+//   sp: sorted keys of positives (first P entries; backward only).
+// Forward: writes loss_rows[a], valid_rows[a], pos_rows[a]. Backward: writes Wc[row, :].
+template <typename acc_t, bool kBackward>
+__global__ void __launch_bounds__(kRowThreads)
+    batch_all_rows_kernel(const acc_t* __restrict__ Dc, const acc_t* __restrict__ Sn,
+                          const double* __restrict__ Cn, const acc_t* __restrict__ Sp,
+                          const int64_t* __restrict__ labels,
+                          const int64_t* __restrict__ sorted_labels, int64_t N, int64_t i0,
+                          acc_t margin, double* __restrict__ loss_rows,
+                          int64_t* __restrict__ valid_rows, int64_t* __restrict__ pos_rows,
+                          acc_t* __restrict__ Wc) {
+  __shared__ double sd[kWarp];
+  __shared__ int64_t si[kWarp];
+  const int64_t row = blockIdx.x;
+  const int64_t a = i0 + row;
+  const int64_t la = labels[a];
+  int64_t gs, ge;
+  group_bounds(sorted_labels, N, la, gs, ge);
+  const int64_t P = ge - gs - 1;  // positives of a
+  const int64_t Q = N - (ge - gs);  // negatives of a
+  const acc_t* __restrict__ d_row = Dc + row * N;
+  const acc_t* __restrict__ sn = Sn + row * N;
+
+  double loss = 0;
+  int64_t active = 0;
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+    acc_t w = 0;
+    if (j != a) {
+      const acc_t d = d_row[j];
+      if (labels[j] == la) {  // positive: active negatives are a prefix of sn
+        if (Q > 0) {
+          const int64_t c =
+              partition_point(Q, [&](int64_t t) { return d - sn[t] + margin > acc_t(0); });
+          if constexpr (kBackward) {
+            w = static_cast<acc_t>(c);
+          } else {
+            if (c > 0) {
+              const double* __restrict__ cn = Cn + row * N;
+              loss += static_cast<double>(c) *
+                          (static_cast<double>(d) + static_cast<double>(margin)) -
+                      cn[c - 1];
+            }
+            active += c;
+          }
+        }
+      } else if constexpr (kBackward) {  // negative: active positives are a suffix of sp
+        if (P > 0) {
+          const acc_t* __restrict__ sp = Sp + row * N;
+          const int64_t first_active =
+              partition_point(P, [&](int64_t t) { return !(sp[t] - d + margin > acc_t(0)); });
+          w = -static_cast<acc_t>(P - first_active);
+        }
+      }
+    }
+    if constexpr (kBackward) Wc[row * N + j] = w;
+  }
+  if constexpr (!kBackward) {
+    loss = block_sum(loss, sd);
+    active = block_sum(active, si);
+    if (threadIdx.x == 0) {
+      loss_rows[a] = loss;
+      valid_rows[a] = P * Q;
+      pos_rows[a] = active;
+    }
+  }
+}
+
+// embeddings: (N, D), labels: (N,) any integer dtype, margin, metric
+//   -> (loss_sum 0-d acc dtype, num_valid 0-d int64, num_positive 0-d int64) over every
+//      (anchor, positive, negative) triplet with term relu(d_ap - d_an + margin).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_loss_cuda(const at::Tensor& embeddings,
+                                                                   const at::Tensor& labels,
+                                                                   double margin, int64_t metric) {
+  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  const at::Tensor x = embeddings.contiguous();
+  const int64_t N = x.size(0);
+  if (N == 0) return empty_loss(x);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups = label_groups(lab, stream);
+  const RowResults rows = make_row_results(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "batch_all_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
+    const int64_t R = chunk_rows(N, batch_all_bytes_per_elem<acc_t>());
+    const acc_t m = static_cast<acc_t>(margin);
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      for_each_distance_chunk<scalar_t, acc_t, kM>(
+          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
+            at::Tensor keys = at::empty({r, N}, acc_options);
+            launch_sort_keys<acc_t>(Dc, lab, i0, r, keys.data_ptr<acc_t>(), nullptr, stream);
+            const at::Tensor sn =
+                std::get<0>(at::sort(keys, /*stable=*/true, /*dim=*/1, /*descending=*/false))
+                    .contiguous();
+            const at::Tensor cn = at::cumsum(sn, /*dim=*/1, at::kDouble).contiguous();
+            batch_all_rows_kernel<acc_t, false><<<grid_1d(r), kRowThreads, 0, stream>>>(
+                Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), cn.data_ptr<double>(), nullptr,
+                lab.data_ptr<int64_t>(), groups.sorted.data_ptr<int64_t>(), N, i0, m,
+                rows.loss.data_ptr<double>(), rows.valid.data_ptr<int64_t>(),
+                rows.positive.data_ptr<int64_t>(), nullptr);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+    });
+  });
+  return finalize_loss(rows, x, stream);
+}
+
+// grad_loss_sum: 0-d; embeddings (N, D), labels (N,), margin, metric (the forward's inputs)
+//   -> grad (N, D) in the dtype of embeddings = grad_loss_sum * d loss_sum / d embeddings.
+at::Tensor batch_all_loss_backward_cuda(const at::Tensor& grad_loss_sum,
+                                        const at::Tensor& embeddings, const at::Tensor& labels,
+                                        double margin, int64_t metric) {
+  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor gls = check_grad_loss_sum(grad_loss_sum, x);
+  const int64_t N = x.size(0), D = x.size(1);
+  if (N == 0 || D == 0) return at::zeros({N, D}, x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups = label_groups(lab, stream);
+  at::Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "batch_all_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
+    const int64_t R = chunk_rows(N, batch_all_bytes_per_elem<acc_t>());
+    const acc_t m = static_cast<acc_t>(margin);
+    at::Tensor G = at::zeros({N, D}, acc_options);
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      for_each_distance_chunk<scalar_t, acc_t, kM>(
+          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
+            // keys[0]: negatives, keys[1]: positives; one segmented sort of 2r rows.
+            at::Tensor keys = at::empty({2, r, N}, acc_options);
+            acc_t* kp = keys.data_ptr<acc_t>();
+            launch_sort_keys<acc_t>(Dc, lab, i0, r, kp, kp + r * N, stream);
+            const at::Tensor sorted =
+                std::get<0>(at::sort(keys.view({2 * r, N}), /*stable=*/true, /*dim=*/1,
+                                     /*descending=*/false))
+                    .contiguous();
+            const acc_t* sp_all = sorted.data_ptr<acc_t>();
+            at::Tensor Wc = at::empty({r, N}, acc_options);
+            batch_all_rows_kernel<acc_t, true><<<grid_1d(r), kRowThreads, 0, stream>>>(
+                Dc.data_ptr<acc_t>(), sp_all, nullptr, sp_all + r * N, lab.data_ptr<int64_t>(),
+                groups.sorted.data_ptr<int64_t>(), N, i0, m, nullptr, nullptr, nullptr,
+                Wc.data_ptr<acc_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            add_chunk_grad<scalar_t, acc_t, kM>(Wc, Dc, x, st, i0, r, G, stream);
+          });
+    });
+    result = finish_grad<scalar_t, acc_t>(G, gls, x, stream);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
+  m.impl("batch_all_loss", &batch_all_loss_cuda);
+  m.impl("batch_all_loss_backward", &batch_all_loss_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace triplet_cuda

@@ -1,0 +1,245 @@
+// Pieces shared by the loss ops (batch all, semi hard, contrastive) and mine_triplets:
+//   * label groups (labels sorted stably) for positive / negative counts and enumeration,
+//   * the row-chunk driver: distances of `R` anchor rows against all N rows in a (R, N)
+//     acc_t workspace (O(R * N) memory, R chosen to bound it), one chunk at a time,
+//   * the deterministic reduction of per-row loss results into the three 0-d outputs,
+//   * the dense backward of a chunk through pair_grad.cuh and the final scaling.
+#pragma once
+
+#include "distance.cuh"
+#include "pair_grad.cuh"
+
+namespace triplet_cuda {
+namespace cuda {
+
+constexpr int kRowThreads = 256;  // block size of the per-anchor-row kernels
+
+// ------------------------------------------------------------------------ label groups
+
+// Labels sorted stably: equal labels are contiguous, ascending index inside a group.
+struct LabelGroups {
+  at::Tensor sorted;  // (N) int64 labels, ascending
+  at::Tensor order;   // (N) int64: order[q] = index of the q-th label in sorted order
+  at::Tensor rank;    // (N) int64: rank[order[q]] = q
+};
+
+// rank[order[q]] = q. (A template only so that the header may define it in every unit.)
+template <typename index_t>
+__global__ void inverse_permutation_kernel(const index_t* __restrict__ order, int64_t n,
+                                           index_t* __restrict__ rank) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n;
+       q += stride) {
+    rank[order[q]] = q;
+  }
+}
+
+// labels: (N,) int64 contiguous on the current device.
+inline LabelGroups label_groups(const at::Tensor& labels, cudaStream_t stream) {
+  const auto sorted = at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  LabelGroups g{std::get<0>(sorted).contiguous(), std::get<1>(sorted).contiguous(),
+                at::empty_like(labels)};
+  const int64_t n = labels.numel();
+  if (n > 0) {
+    inverse_permutation_kernel<int64_t><<<elementwise_grid(n), kElementwiseThreads, 0, stream>>>(
+        g.order.data_ptr<int64_t>(), n, g.rank.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return g;
+}
+
+// [gs, ge): the positions of `label` in the sorted labels.
+__device__ __forceinline__ void group_bounds(const int64_t* __restrict__ sorted, int64_t N,
+                                             int64_t label, int64_t& gs, int64_t& ge) {
+  gs = partition_point(N, [&](int64_t t) { return sorted[t] < label; });
+  ge = partition_point(N, [&](int64_t t) { return sorted[t] <= label; });
+}
+
+// ------------------------------------------------------------------------ chunk driver
+
+// Rows per chunk so that one (R, N) slab of `bytes_per_elem` bytes per element (all the
+// per-chunk workspaces together) stays near 256 MiB.
+inline int64_t chunk_rows(int64_t N, int64_t bytes_per_elem) {
+  const int64_t budget = int64_t(256) << 20;
+  const int64_t r = budget / std::max<int64_t>(1, bytes_per_elem * N);
+  return std::max<int64_t>(1, std::min<int64_t>(N, r));
+}
+
+// Calls fn(i0, r, Dc) for consecutive chunks of anchor rows [i0, i0 + r), Dc a (R, N) acc_t
+// tensor whose first r rows hold d(x_{i0 + row}, x_j) (Gram form). Chunks run in order on
+// the current stream.
+template <typename scalar_t, typename acc_t, Metric M, typename Fn>
+void for_each_distance_chunk(const at::Tensor& x, RowStats<acc_t> st, int64_t R,
+                             cudaStream_t stream, Fn&& fn) {
+  const int64_t N = x.size(0), D = x.size(1);
+  at::Tensor Dc = at::empty({R, N}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  for (int64_t i0 = 0; i0 < N; i0 += R) {
+    const int64_t r = std::min(R, N - i0);
+    launch_distance<scalar_t, acc_t, acc_t, M>(xp + i0 * D, st.shifted(i0), r, xp, st, N, D,
+                                               Dc.data_ptr<acc_t>(), N, stream);
+    fn(i0, r, Dc);
+  }
+}
+
+// Sort keys of a chunk (e = row * N + j, anchor a = i0 + row, Dc row stride N):
+//   neg_keys[e] = d(a, j) if labels differ, else +inf (negatives first once sorted);
+//   pos_keys[e] = d(a, j) if labels match and j != a, else +inf (skipped when null).
+template <typename acc_t>
+__global__ void sort_keys_kernel(const acc_t* __restrict__ Dc, const int64_t* __restrict__ labels,
+                                 int64_t N, int64_t i0, int64_t r, acc_t* __restrict__ neg_keys,
+                                 acc_t* __restrict__ pos_keys) {
+  const int64_t n = r * N;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += stride) {
+    const int64_t a = i0 + e / N, j = e % N;
+    const bool same = labels[j] == labels[a];
+    const acc_t d = Dc[e];
+    neg_keys[e] = same ? acc_inf<acc_t>() : d;
+    if (pos_keys != nullptr) pos_keys[e] = (same && j != a) ? d : acc_inf<acc_t>();
+  }
+}
+
+template <typename acc_t>
+void launch_sort_keys(const at::Tensor& Dc, const at::Tensor& labels, int64_t i0, int64_t r,
+                      acc_t* neg_keys, acc_t* pos_keys, cudaStream_t stream) {
+  const int64_t N = Dc.size(1);
+  if (r * N == 0) return;
+  sort_keys_kernel<acc_t><<<elementwise_grid(r * N), kElementwiseThreads, 0, stream>>>(
+      Dc.data_ptr<acc_t>(), labels.data_ptr<int64_t>(), N, i0, r, neg_keys, pos_keys);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Adds to G (N, D) acc_t the gradient of sum_{row < r, j} Wc[row, j] d(x_{i0 + row}, x_j):
+// both the anchor-row side and the column side (x is both operands).
+template <typename scalar_t, typename acc_t, Metric M>
+void add_chunk_grad(const at::Tensor& Wc, const at::Tensor& Dc, const at::Tensor& x,
+                    RowStats<acc_t> st, int64_t i0, int64_t r, at::Tensor& G,
+                    cudaStream_t stream) {
+  const int64_t N = x.size(0), D = x.size(1);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  acc_t* gp = G.data_ptr<acc_t>();
+  const acc_t* W = Wc.data_ptr<acc_t>();
+  const acc_t* Dm = Dc.data_ptr<acc_t>();
+  const auto acc_options = G.options();
+  launch_pair_grad<scalar_t, acc_t, acc_t, M, false, acc_t>(
+      W, Dm, N, xp + i0 * D, st.shifted(i0), r, xp, st, N, D, gp + i0 * D,
+      /*accumulate=*/true, acc_options, stream);
+  launch_pair_grad<scalar_t, acc_t, acc_t, M, true, acc_t>(
+      W, Dm, N, xp + i0 * D, st.shifted(i0), r, xp, st, N, D, gp, /*accumulate=*/true,
+      acc_options, stream);
+}
+
+// ------------------------------------------------------------------------ loss outputs
+
+// Per-row results of a loss forward, reduced in a fixed order by finalize_loss.
+struct RowResults {
+  at::Tensor loss;      // (N) float64
+  at::Tensor valid;     // (N) int64
+  at::Tensor positive;  // (N) int64
+};
+
+inline RowResults make_row_results(const at::Tensor& x) {
+  const int64_t N = x.size(0);
+  return {at::empty({N}, x.options().dtype(at::kDouble)),
+          at::empty({N}, x.options().dtype(at::kLong)),
+          at::empty({N}, x.options().dtype(at::kLong))};
+}
+
+constexpr int kFinalizeThreads = 1024;
+
+// One block: each thread sums rows tid, tid + 1024, ... in order, then a fixed tree.
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_loss_kernel(const double* __restrict__ loss_rows,
+                         const int64_t* __restrict__ valid_rows,
+                         const int64_t* __restrict__ pos_rows, int64_t N,
+                         acc_t* __restrict__ loss, int64_t* __restrict__ num_valid,
+                         int64_t* __restrict__ num_positive) {
+  __shared__ double sd[kWarp];
+  __shared__ int64_t si[kWarp];
+  double l = 0;
+  int64_t v = 0, p = 0;
+  for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
+    l += loss_rows[i];
+    v += valid_rows[i];
+    p += pos_rows[i];
+  }
+  l = block_sum(l, sd);
+  v = block_sum(v, si);
+  p = block_sum(p, si);
+  if (threadIdx.x == 0) {
+    *loss = static_cast<acc_t>(l);
+    *num_valid = v;
+    *num_positive = p;
+  }
+}
+
+// -> (loss_sum 0-d acc dtype of x, num_valid 0-d int64, num_positive 0-d int64).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_loss(const RowResults& rows,
+                                                                    const at::Tensor& x,
+                                                                    cudaStream_t stream) {
+  const int64_t N = x.size(0);
+  const at::ScalarType acc_type = acc_scalar_type(x.scalar_type());
+  at::Tensor loss = at::empty(at::IntArrayRef{}, x.options().dtype(acc_type));
+  at::Tensor nv = at::empty(at::IntArrayRef{}, x.options().dtype(at::kLong));
+  at::Tensor np = at::empty(at::IntArrayRef{}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "finalize_loss_cuda", [&] {
+    finalize_loss_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(
+        rows.loss.data_ptr<double>(), rows.valid.data_ptr<int64_t>(),
+        rows.positive.data_ptr<int64_t>(), N, loss.data_ptr<scalar_t>(),
+        nv.data_ptr<int64_t>(), np.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, nv, np};
+}
+
+// Zero outputs of a loss forward on an empty batch.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_loss(const at::Tensor& x) {
+  const at::ScalarType acc_type = acc_scalar_type(x.scalar_type());
+  return {at::zeros(at::IntArrayRef{}, x.options().dtype(acc_type)),
+          at::zeros(at::IntArrayRef{}, x.options().dtype(at::kLong)),
+          at::zeros(at::IntArrayRef{}, x.options().dtype(at::kLong))};
+}
+
+// out[e] = scalar_t(G[e] * scale[0]) (scale: the 0-d grad_loss_sum, acc_t, on the device).
+template <typename scalar_t, typename acc_t>
+__global__ void scale_grad_kernel(const acc_t* __restrict__ G, const acc_t* __restrict__ scale,
+                                  int64_t n, scalar_t* __restrict__ out) {
+  const acc_t s = *scale;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += stride) {
+    out[e] = static_cast<scalar_t>(G[e] * s);
+  }
+}
+
+// Checks the shared arguments of a loss backward and returns grad_loss_sum as a 0-d
+// acc-dtype tensor on the device of x.
+inline at::Tensor check_grad_loss_sum(const at::Tensor& grad_loss_sum, const at::Tensor& x) {
+  TORCH_CHECK(grad_loss_sum.numel() == 1, "triplet_cuda: grad_loss_sum must have one element, got ",
+              grad_loss_sum.sizes());
+  TORCH_CHECK(grad_loss_sum.is_floating_point(),
+              "triplet_cuda: grad_loss_sum must be floating point, got ",
+              grad_loss_sum.scalar_type());
+  return grad_loss_sum.reshape(at::IntArrayRef{})
+      .to(x.device(), acc_scalar_type(x.scalar_type()))
+      .contiguous();
+}
+
+// grad (N, D) scalar_t = G * grad_loss_sum.
+template <typename scalar_t, typename acc_t>
+at::Tensor finish_grad(const at::Tensor& G, const at::Tensor& gls, const at::Tensor& x,
+                       cudaStream_t stream) {
+  at::Tensor grad = at::empty(x.sizes(), x.options());
+  const int64_t n = G.numel();
+  if (n == 0) return grad;
+  scale_grad_kernel<scalar_t, acc_t><<<elementwise_grid(n), kElementwiseThreads, 0, stream>>>(
+      G.data_ptr<acc_t>(), gls.data_ptr<acc_t>(), n, grad.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad;
+}
+
+}  // namespace cuda
+}  // namespace triplet_cuda

@@ -1,0 +1,283 @@
+// Semi-hard triplet loss on CUDA (FaceNet; TensorFlow Addons' TripletSemiHardLoss).
+//
+// For every (anchor a, positive p) of an anchor with at least one negative the negative is
+// the one with the smallest d_an > d_ap (strict), else the one with the largest d_an;
+// ties go to the lowest index; term = relu(d_ap - d_an + margin).
+//
+// Anchors are processed in row chunks (loss_common.cuh): distances of the chunk's rows to
+// all N rows in an (R, N) acc_t workspace; per row, the negatives' distances are sorted
+// stably (keys +inf for non-negatives; one segmented at::sort per chunk), so the sorted
+// indices break ties by the lowest index. For a positive at d_ap the first sorted position
+// with d_an > d_ap is found by binary search; it is the first occurrence of its value. The
+// fallback (largest d_an) is the first occurrence of the last value.
+//
+// One block per anchor row, columns owned by threads; row totals in a fixed order, rows in
+// a fixed order (deterministic). The backward's weights are +1 on (a, p) and -1 per active
+// pair on its chosen (a, n); the latter are gathered with int32 atomicAdd (integer, so the
+// result does not depend on the order), converted to acc_t and differentiated through the
+// distances with pair_grad.cuh. O(R * N) memory per chunk.
+#include <torch/library.h>
+
+#include "internal.cuh"
+#include "loss_common.cuh"
+
+namespace triplet_cuda {
+namespace cuda {
+namespace {
+
+enum class SemiMode { kForward, kBackward, kMine };
+
+// Bytes of chunk workspace per (row, column) element: distances, keys, sorted values and
+// int64 sort indices, int32 and acc_t weights.
+template <typename acc_t>
+constexpr int64_t semi_hard_bytes_per_elem() {
+  return 4 * static_cast<int64_t>(sizeof(acc_t)) + 8 + 4;
+}
+
+// One block per anchor row of the chunk (a = i0 + blockIdx.x).
+//   sn, in: the row's negatives' distances sorted ascending (first Q entries) and their
+//           column indices (stable sort: ascending index among equal distances).
+// kForward: loss_rows[a], valid_rows[a], pos_rows[a].
+// kBackward: Wi[row, p] = 1 and Wi[row, n] -= 1 for every active (p, n); Wi zeroed before.
+// kMine: (a, p, n) at offsets[a] + (rank of p among a's positives).
+template <typename acc_t, SemiMode kMode>
+__global__ void __launch_bounds__(kRowThreads)
+    semi_hard_rows_kernel(const acc_t* __restrict__ Dc, const acc_t* __restrict__ Sn,
+                          const int64_t* __restrict__ In, const int64_t* __restrict__ labels,
+                          const int64_t* __restrict__ sorted_labels,
+                          const int64_t* __restrict__ label_rank, int64_t N, int64_t i0,
+                          acc_t margin, double* __restrict__ loss_rows,
+                          int64_t* __restrict__ valid_rows, int64_t* __restrict__ pos_rows,
+                          int32_t* __restrict__ Wi, const int64_t* __restrict__ offsets,
+                          int64_t* __restrict__ out_a, int64_t* __restrict__ out_p,
+                          int64_t* __restrict__ out_n) {
+  __shared__ double sd[kWarp];
+  __shared__ int64_t si[kWarp];
+  const int64_t row = blockIdx.x;
+  const int64_t a = i0 + row;
+  const int64_t la = labels[a];
+  int64_t gs, ge;
+  group_bounds(sorted_labels, N, la, gs, ge);
+  const int64_t P = ge - gs - 1;    // positives of a
+  const int64_t Q = N - (ge - gs);  // negatives of a
+  const acc_t* __restrict__ d_row = Dc + row * N;
+  const acc_t* __restrict__ sn = Sn + row * N;
+  const int64_t* __restrict__ in = In + row * N;
+
+  double loss = 0;
+  int64_t active = 0;
+  if (Q > 0) {
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      if (j == a || labels[j] != la) continue;  // positives only
+      const acc_t d = d_row[j];
+      // First sorted negative farther than the positive.
+      const int64_t t = partition_point(Q, [&](int64_t u) { return !(sn[u] > d); });
+      acc_t dn;
+      int64_t n;
+      if (t < Q) {
+        dn = sn[t];
+        n = in[t];
+      } else {  // none: the farthest negative, first occurrence of the largest value
+        dn = sn[Q - 1];
+        const int64_t t2 = partition_point(Q, [&](int64_t u) { return sn[u] < dn; });
+        n = in[t2];
+      }
+      if constexpr (kMode == SemiMode::kForward) {
+        const acc_t v = d - dn + margin;
+        if (v > acc_t(0)) {
+          loss += static_cast<double>(v);
+          active += 1;
+        }
+      } else if constexpr (kMode == SemiMode::kBackward) {
+        const acc_t v = d - dn + margin;
+        if (v > acc_t(0)) {
+          Wi[row * N + j] = 1;  // owned: positive columns are written only here
+          atomicAdd(&Wi[row * N + n], -1);  // integer: order-independent
+        }
+      } else {
+        // Positives of a in ascending index order are its label group (stably sorted)
+        // without a itself.
+        const int64_t rp = label_rank[j] - gs - (label_rank[a] < label_rank[j] ? 1 : 0);
+        const int64_t q = offsets[a] + rp;
+        out_a[q] = a;
+        out_p[q] = j;
+        out_n[q] = n;
+      }
+    }
+  }
+  if constexpr (kMode == SemiMode::kForward) {
+    loss = block_sum(loss, sd);
+    active = block_sum(active, si);
+    if (threadIdx.x == 0) {
+      loss_rows[a] = loss;
+      valid_rows[a] = Q > 0 ? P : 0;
+      pos_rows[a] = active;
+    }
+  }
+}
+
+// Sorted negatives of a chunk: values and stable column indices, both (r, N) contiguous.
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor> sorted_negatives(const at::Tensor& Dc, const at::Tensor& lab,
+                                                    int64_t i0, int64_t r,
+                                                    cudaStream_t stream) {
+  const int64_t N = Dc.size(1);
+  at::Tensor keys = at::empty({r, N}, Dc.options());
+  launch_sort_keys<acc_t>(Dc, lab, i0, r, keys.data_ptr<acc_t>(), nullptr, stream);
+  const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  return {std::get<0>(sorted).contiguous(), std::get<1>(sorted).contiguous()};
+}
+
+// counts[a] = number of valid (a, p) pairs: #positives if a has a negative, else 0.
+__global__ void semi_hard_counts_kernel(const int64_t* __restrict__ labels,
+                                        const int64_t* __restrict__ sorted_labels, int64_t N,
+                                        int64_t* __restrict__ counts) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t a = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; a < N;
+       a += stride) {
+    int64_t gs, ge;
+    group_bounds(sorted_labels, N, labels[a], gs, ge);
+    counts[a] = (N - (ge - gs)) > 0 ? ge - gs - 1 : 0;
+  }
+}
+
+// embeddings: (N, D), labels: (N,) any integer dtype, margin, metric
+//   -> (loss_sum 0-d acc dtype, num_valid 0-d int64 = #(a, p) pairs of anchors with a
+//      negative, num_positive 0-d int64 = #pairs with a positive term).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_loss_cuda(const at::Tensor& embeddings,
+                                                                   const at::Tensor& labels,
+                                                                   double margin,
+                                                                   int64_t metric) {
+  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  const at::Tensor x = embeddings.contiguous();
+  const int64_t N = x.size(0);
+  if (N == 0) return empty_loss(x);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups = label_groups(lab, stream);
+  const RowResults rows = make_row_results(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "semi_hard_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
+    const int64_t R = chunk_rows(N, semi_hard_bytes_per_elem<acc_t>());
+    const acc_t m = static_cast<acc_t>(margin);
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      for_each_distance_chunk<scalar_t, acc_t, kM>(
+          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
+            const auto [sn, in] = sorted_negatives<acc_t>(Dc, lab, i0, r, stream);
+            semi_hard_rows_kernel<acc_t, SemiMode::kForward>
+                <<<grid_1d(r), kRowThreads, 0, stream>>>(
+                    Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), in.data_ptr<int64_t>(),
+                    lab.data_ptr<int64_t>(), groups.sorted.data_ptr<int64_t>(),
+                    groups.rank.data_ptr<int64_t>(), N, i0, m, rows.loss.data_ptr<double>(),
+                    rows.valid.data_ptr<int64_t>(), rows.positive.data_ptr<int64_t>(), nullptr,
+                    nullptr, nullptr, nullptr, nullptr);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+    });
+  });
+  return finalize_loss(rows, x, stream);
+}
+
+// grad_loss_sum: 0-d; embeddings (N, D), labels (N,), margin, metric (the forward's inputs)
+//   -> grad (N, D) in the dtype of embeddings = grad_loss_sum * d loss_sum / d embeddings.
+at::Tensor semi_hard_loss_backward_cuda(const at::Tensor& grad_loss_sum,
+                                        const at::Tensor& embeddings, const at::Tensor& labels,
+                                        double margin, int64_t metric) {
+  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor gls = check_grad_loss_sum(grad_loss_sum, x);
+  const int64_t N = x.size(0), D = x.size(1);
+  if (N == 0 || D == 0) return at::zeros({N, D}, x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups = label_groups(lab, stream);
+  at::Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "semi_hard_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
+    const int64_t R = chunk_rows(N, semi_hard_bytes_per_elem<acc_t>());
+    const acc_t m = static_cast<acc_t>(margin);
+    at::Tensor G = at::zeros({N, D}, x.options().dtype(acc_type));
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      for_each_distance_chunk<scalar_t, acc_t, kM>(
+          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
+            const auto [sn, in] = sorted_negatives<acc_t>(Dc, lab, i0, r, stream);
+            at::Tensor Wi = at::zeros({r, N}, x.options().dtype(at::kInt));
+            semi_hard_rows_kernel<acc_t, SemiMode::kBackward>
+                <<<grid_1d(r), kRowThreads, 0, stream>>>(
+                    Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), in.data_ptr<int64_t>(),
+                    lab.data_ptr<int64_t>(), groups.sorted.data_ptr<int64_t>(),
+                    groups.rank.data_ptr<int64_t>(), N, i0, m, nullptr, nullptr, nullptr,
+                    Wi.data_ptr<int32_t>(), nullptr, nullptr, nullptr, nullptr);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            const at::Tensor Wc = Wi.to(acc_type).contiguous();
+            add_chunk_grad<scalar_t, acc_t, kM>(Wc, Dc, x, st, i0, r, G, stream);
+          });
+    });
+    result = finish_grad<scalar_t, acc_t>(G, gls, x, stream);
+  });
+  return result;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_triplets_impl(const at::Tensor& x,
+                                                                      const at::Tensor& lab,
+                                                                      int64_t metric) {
+  const int64_t N = x.size(0);
+  const auto idx_options = x.options().dtype(at::kLong);
+  if (N == 0) {
+    return {at::empty({0}, idx_options), at::empty({0}, idx_options),
+            at::empty({0}, idx_options)};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups = label_groups(lab, stream);
+  // Count pass + exclusive scan: anchor a's pairs start at offsets[a].
+  at::Tensor counts = at::empty({N}, idx_options);
+  semi_hard_counts_kernel<<<elementwise_grid(N), kElementwiseThreads, 0, stream>>>(
+      lab.data_ptr<int64_t>(), groups.sorted.data_ptr<int64_t>(), N,
+      counts.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor inclusive = at::cumsum(counts, /*dim=*/0);
+  const at::Tensor offsets = (inclusive - counts).contiguous();
+  const int64_t T = inclusive[N - 1].item<int64_t>();  // synchronises: T sizes the outputs
+  at::Tensor out_a = at::empty({T}, idx_options);
+  at::Tensor out_p = at::empty({T}, idx_options);
+  at::Tensor out_n = at::empty({T}, idx_options);
+  if (T == 0) return {out_a, out_p, out_n};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "semi_hard_triplets_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
+    const int64_t R = chunk_rows(N, semi_hard_bytes_per_elem<acc_t>());
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      for_each_distance_chunk<scalar_t, acc_t, kM>(
+          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
+            const auto [sn, in] = sorted_negatives<acc_t>(Dc, lab, i0, r, stream);
+            semi_hard_rows_kernel<acc_t, SemiMode::kMine><<<grid_1d(r), kRowThreads, 0, stream>>>(
+                Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), in.data_ptr<int64_t>(),
+                lab.data_ptr<int64_t>(), groups.sorted.data_ptr<int64_t>(),
+                groups.rank.data_ptr<int64_t>(), N, i0, acc_t(0), nullptr, nullptr, nullptr,
+                nullptr, offsets.data_ptr<int64_t>(), out_a.data_ptr<int64_t>(),
+                out_p.data_ptr<int64_t>(), out_n.data_ptr<int64_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+    });
+  });
+  return {out_a, out_p, out_n};
+}
+
+TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
+  m.impl("semi_hard_loss", &semi_hard_loss_cuda);
+  m.impl("semi_hard_loss_backward", &semi_hard_loss_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace triplet_cuda
