@@ -1,0 +1,1 @@
+"""Benchmark suite of triplet_cuda: ``python -m benchmarks --help`` (see benchmarks/README.md)."""
