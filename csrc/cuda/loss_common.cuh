@@ -55,6 +55,15 @@ __device__ __forceinline__ void group_bounds(const int64_t* __restrict__ sorted,
   ge = partition_point(N, [&](int64_t t) { return sorted[t] <= label; });
 }
 
+// counts: (N,) int64 (N > 0) -> (exclusive offsets (N,) int64, total). Synchronises with
+// the device to read the total (it sizes the caller's outputs).
+inline std::tuple<at::Tensor, int64_t> exclusive_offsets(const at::Tensor& counts) {
+  const at::Tensor inclusive = at::cumsum(counts, /*dim=*/0);
+  const at::Tensor offsets = at::sub(inclusive, counts).contiguous();
+  const int64_t total = inclusive[counts.size(0) - 1].item<int64_t>();
+  return {offsets, total};
+}
+
 // ------------------------------------------------------------------------ chunk driver
 
 // Rows per chunk so that one (R, N) slab of `bytes_per_elem` bytes per element (all the

@@ -244,9 +244,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_triplets_impl(const at:
       lab.data_ptr<int64_t>(), groups.sorted.data_ptr<int64_t>(), N,
       counts.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor inclusive = at::cumsum(counts, /*dim=*/0);
-  const at::Tensor offsets = (inclusive - counts).contiguous();
-  const int64_t T = inclusive[N - 1].item<int64_t>();  // synchronises: T sizes the outputs
+  at::Tensor offsets;
+  int64_t T = 0;
+  std::tie(offsets, T) = exclusive_offsets(counts);  // synchronises: T sizes the outputs
   at::Tensor out_a = at::empty({T}, idx_options);
   at::Tensor out_p = at::empty({T}, idx_options);
   at::Tensor out_n = at::empty({T}, idx_options);
