@@ -396,7 +396,7 @@ def _short(e: BaseException, limit: int = 200) -> str:
 
 
 # ----------------------------------------------------------------------------- isolation
-_PRELOAD = ["torch", "benchmarks.impls"]
+_PRELOAD = ["benchmarks._preload"]
 
 
 def _context():

@@ -1,0 +1,14 @@
+"""Imported once by the fork server that runs isolated cases (see harness._context), so that each
+case's child starts with torch, triplet_cuda, the peers and torch.compile's machinery loaded."""
+import importlib
+
+import torch  # noqa: F401
+
+from . import impls  # noqa: F401
+
+for _name in ("triplet_cuda", "pytorch_metric_learning.losses", "pytorch_metric_learning.miners",
+              "torch._dynamo", "torch._inductor.compile_fx"):
+    try:
+        importlib.import_module(_name)
+    except Exception:  # noqa: BLE001  (a missing optional peer, or a failed build: the case reports it)
+        pass
