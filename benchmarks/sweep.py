@@ -96,7 +96,7 @@ def preset(name: str, device: str) -> SweepConfig:
     if name == "quick":
         return SweepConfig(name="quick", device=device, passes=("fwd+bwd",), ns=(256, 512), ds=(64,),
                            dtypes=("float32",), min_reps=3, max_reps=50, target_s=0.2, warmup_s=0.05,
-                           max_call_s=5.0, case_timeout_s=120.0,
+                           max_call_s=1.0, case_timeout_s=120.0,
                            description="smoke run: every implementation and loss, fwd+bwd, N 256/512, D 64, "
                                        "float32 (under 2 minutes on 2 CPU cores)")
     if name == "cpu-bar":
@@ -250,6 +250,7 @@ class _Progress:
                 self.bar = None
 
     def start(self, desc: str):
+        self.t0 = time.perf_counter()
         if not self.enabled:
             return
         if self.bar is not None:
@@ -265,7 +266,7 @@ class _Progress:
             self.bar.update(1)
         else:
             t = f" {seconds * 1e3:.3g} ms" if seconds is not None else ""
-            print(f" {status}{t}", file=sys.stderr, flush=True)
+            print(f" {status}{t} [{time.perf_counter() - self.t0:.1f} s]", file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:
