@@ -20,6 +20,10 @@ if [[ -z "$NVCC" ]]; then
   exit 0
 fi
 PYTHON="${PYTHON:-python}"
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+  echo "check_cuda_compile: '$PYTHON' cannot import torch (its headers are needed); failing"
+  exit 1
+fi
 
 if [[ $# -gt 0 ]]; then
   FILES=("$@")
@@ -111,8 +115,8 @@ for src in "${FILES[@]}"; do
   if [[ "$(cat "$WORK/$name.rc" 2>/dev/null)" != "0" ]]; then status=1; fi
 done
 if [[ $status -ne 0 ]]; then
-  echo "check_cuda_compile: FAILED"
+  echo "check_cuda_compile: FAILED ($SECONDS s)"
 else
-  echo "check_cuda_compile: all ${#FILES[@]} file(s) compiled for sm_80 and sm_90"
+  echo "check_cuda_compile: all ${#FILES[@]} file(s) compiled for sm_80 and sm_90 ($SECONDS s)"
 fi
 exit $status
