@@ -65,10 +65,10 @@ if [[ ! -f "$TORCH_INC/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
 H
 fi
 
-# torch.utils.cpp_extension's nvcc flags plus _build.py's (-O3 --use_fast_math -lineinfo
+# torch.utils.cpp_extension's nvcc flags plus _build.py's (-O3 -lineinfo
 # --expt-relaxed-constexpr); warnings of our own code are errors.
 FLAGS=(
-  -std=c++20 -O3 --use_fast_math -lineinfo --expt-relaxed-constexpr
+  -std=c++20 -O3 -lineinfo --expt-relaxed-constexpr
   -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
   -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__

@@ -55,7 +55,7 @@ def _openmp_flags() -> list[str]:
 def extra_compile_args(with_cuda: bool) -> dict[str, list[str]]:
     args = {"cxx": ["-O3", *_openmp_flags()]}
     if with_cuda:
-        args["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return args
 
 
