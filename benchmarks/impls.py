@@ -128,6 +128,10 @@ def _compiled(loss: str, margin: float):
     def fn(x, labels):
         return f(x, labels, margin)
 
+    # Every case compiles afresh: in a long in-process sweep (CUDA) the closures of all cases
+    # share one code object, whose recompilations would otherwise hit dynamo's recompile
+    # limit and silently fall back to eager.
+    torch._dynamo.reset()
     # static shapes: each N is compiled for (what a training loop with a fixed batch does)
     return torch.compile(fn, dynamic=False)
 
