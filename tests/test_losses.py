@@ -345,3 +345,24 @@ def test_loss_grad_matches_reference(device, dtype, metric, name, kwargs):
     rtol, atol = loss_tolerances(dtype, name)
     scale = max(1.0, xr.grad.abs().max().item())
     assert_close(x.grad, xr.grad, dtype, msg=f"{name} {kwargs} {metric}", rtol=rtol, atol=atol * scale)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_with_exact_ties(device, metric, name):
+    # small-integer embeddings in float64: exact arithmetic and many exactly tied distances
+    # (semi hard's strict d_an > d_ap included); losses and counts equal the reference's
+    fn, ref_fn, reductions = LOSSES[name][:3]
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        n = (23, 41, 67)[seed]
+        x = torch.randint(-2, 3, (n, 3), generator=g).double()
+        labels = torch.randint(0, 4, (n,), generator=g)
+        terms, ref_stats = ref_fn(x, labels, metric=metric, reduction="none", return_stats=True)
+        for reduction in reductions:
+            out, stats = fn(x.to(device), labels.to(device), metric=metric, reduction=reduction, return_stats=True)
+            msg = f"{name} {metric} {reduction} seed {seed}"
+            assert_close(out, reduce_reference(terms, ref_stats, reduction), torch.float64, msg=msg)
+            assert (stats.num_valid.item(), stats.num_positive.item()) == (
+                ref_stats.num_valid.item(), ref_stats.num_positive.item()), msg
