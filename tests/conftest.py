@@ -1,7 +1,7 @@
 """Shared pytest configuration and helpers of the triplet_cuda test suite.
 
-Test modules import the helpers with `from conftest import ...` (pytest puts this
-folder on sys.path since tests/ has no __init__.py).
+Test modules import the helpers with `from conftest import ...` (this folder is on
+sys.path: pytest's default import mode puts it there, and the line below does otherwise).
 """
 from __future__ import annotations
 
@@ -98,14 +98,6 @@ def assert_close(actual, expected, dtype, msg="", rtol=None, atol=None):
     )
 
 
-def cuda_sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@pytest.fixture(scope="session")
-def expect_loader():
-    return os.environ.get("TRIPLET_CUDA_EXPECT_LOADER")
 
 
 def gram_error_bound(x, y, metric, dtype):
