@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
 def build_config(args) -> sweep.SweepConfig:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = "quick" if args.quick else (args.preset or "full")
+    if name == "gpu" and args.device is None and not torch.cuda.is_available():
+        raise SystemExit("--preset gpu needs a CUDA device (add --device cpu to run its cases on the CPU anyway)")
     config = sweep.preset(name, device)
     grid = {"impls": args.impl, "losses": args.loss, "passes": args.passes, "ns": args.n, "ds": args.d,
             "dtypes": args.dtype}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -143,8 +144,20 @@ def collect_meta(config, info: dict, device: str, argv=None) -> dict:
 
 
 # ----------------------------------------------------------------------------- JSON
+def _finite(v):
+    """JSON has no NaN / infinity: they become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    return v
+
+
 def to_document(meta: dict, rows: list[dict], checks: list[dict]) -> dict:
-    results = [{k: r.get(k) for k in ROW_KEYS} for r in rows]
+    results = [{k: _finite(r.get(k)) for k in ROW_KEYS} for r in rows]
+    checks = [_finite(c) for c in checks]
     return {"schema_version": SCHEMA_VERSION, "meta": {k: meta.get(k) for k in META_KEYS}, "results": results,
             "checks": list(checks)}
 
@@ -289,6 +302,13 @@ def _fmt_met(c) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
+def _color(impl: str) -> str:
+    """One fixed colour per implementation, whatever is missing from a panel."""
+    names = list(impls.IMPLS)
+    i = names.index(impl) if impl in names else len(names) + sum(map(ord, impl)) % 4
+    return f"C{i % 10}"
+
+
 def plot(doc: dict, out_dir: Path, stem: str) -> tuple[list[Path], str]:
     """Time vs N and peak memory vs N, log-log, one line per implementation: one PNG per
     (metric, pass, dtype), one panel per (D, loss). Returns (files, note)."""
@@ -322,7 +342,8 @@ def plot(doc: dict, out_dir: Path, stem: str) -> tuple[list[Path], str]:
                             continue
                         style = "--" if impl in ("matmul", "read_once") else "-"
                         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3,
-                                label=_label(impl), linewidth=2.2 if impl == impls.OURS else 1.2)
+                                label=_label(impl), color=_color(impl),
+                                linewidth=2.2 if impl == impls.OURS else 1.2)
                     ax.set_xscale("log", base=2)
                     ax.set_yscale("log")
                     ax.set_title(f"{loss}, D={d}", fontsize=10)
