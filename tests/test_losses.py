@@ -366,3 +366,26 @@ def test_loss_with_exact_ties(device, metric, name):
             assert_close(out, reduce_reference(terms, ref_stats, reduction), torch.float64, msg=msg)
             assert (stats.num_valid.item(), stats.num_positive.item()) == (
                 ref_stats.num_valid.item(), ref_stats.num_positive.item()), msg
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name,n", [("batch_hard", 301), ("contrastive", 301), ("batch_all", 131), ("semi_hard", 131)])
+def test_larger_batch_spans_tiles(device, dtype, name, n):
+    # N past typical GPU tile sizes (64, 128, 256) and not a multiple of any; D = 33 past a
+    # 32-wide feature chunk
+    fn, ref_fn, reductions = LOSSES[name][:3]
+    x, labels = make_batch(n, 33, 11, seed=n, dtype=dtype, device=device)
+    x.requires_grad_()
+    terms, ref_stats = ref_fn(x.detach().cpu().double(), labels.cpu(), metric="euclidean", reduction="none",
+                              return_stats=True)
+    for reduction in [r for r in reductions if r != "none"]:
+        out, stats = fn(x, labels, reduction=reduction, return_stats=True)
+        check_loss(out, reduce_reference(terms, ref_stats, reduction), dtype, name, f"{name} {reduction}")
+        check_stats(stats, ref_stats, dtype, f"{name} {reduction}")
+    (grad,) = torch.autograd.grad(fn(x, labels, reduction="sum"), x)
+    xr = x.detach().cpu().double().requires_grad_()
+    ref_fn(xr, labels.cpu(), reduction="sum").backward()
+    scale = max(1.0, xr.grad.abs().max().item())
+    rtol, atol = tolerances(dtype)
+    assert_close(grad, xr.grad, dtype, rtol=rtol, atol=atol * scale)
