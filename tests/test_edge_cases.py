@@ -239,7 +239,7 @@ def test_non_contiguous_embeddings(device, dtype, metric, view):
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(ALL_LOSSES))
-def test_duplicated_embeddings_euclidean_grad_finite(device, dtype, name):
+def test_duplicated_embeddings_euclidean_grad_finite_and_correct(device, dtype, name):
     # many exact duplicates, within and across classes: distances of exactly 0 are common
     g = torch.Generator().manual_seed(23)
     rows = torch.randn(4, 5, generator=g, dtype=torch.float64)
