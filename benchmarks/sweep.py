@@ -283,8 +283,6 @@ def run(config: SweepConfig, *, progress: bool = True, step_factory=None) -> tup
     cuda = device.startswith("cuda")
     isolate = (not cuda) if config.isolate is None else config.isolate
     threads = config.threads or (0 if cuda else default_threads())
-    if threads and not cuda:
-        torch.set_num_threads(threads)
     budget = config.mem_budget_bytes or harness.default_budget_bytes(device, config.mem_fraction)
     step_factory = step_factory or impls.make_step
 
@@ -300,6 +298,7 @@ def run(config: SweepConfig, *, progress: bool = True, step_factory=None) -> tup
     failed_at: dict = {}  # series -> N of an OOM
     bar = _Progress(len(selectors), progress)
     t_start = time.time()
+    threads_before = torch.get_num_threads()
     try:
         for sel in selectors:
             case = Case(impl=sel["impl"], loss=sel["loss"], pass_=sel["pass"], n=sel["n"], d=sel["d"],
@@ -314,6 +313,7 @@ def run(config: SweepConfig, *, progress: bool = True, step_factory=None) -> tup
             bar.done(row["status"], row["time_s_median"])
     finally:
         bar.close()
+        torch.set_num_threads(threads_before)  # in-process cases set it (harness.run_case)
     add_ratios(rows)
     info = {"threads": threads, "isolated": isolate, "mem_budget_bytes": budget,
             "wall_s": time.time() - t_start}
