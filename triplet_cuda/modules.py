@@ -7,6 +7,11 @@ from . import _validation as v
 from . import functional as F
 from ._ops import METRICS
 
+_REDUCTIONS = {
+    "batch_hard": ("mean", "mean_nonzero", "sum", "none"),
+    "batch_all": ("mean", "mean_nonzero", "sum"),
+    "semi_hard": ("mean", "mean_nonzero", "sum"),
+}
 _MINING = {
     "batch_hard": (F.batch_hard_triplet_loss, "mean"),
     "batch_all": (F.batch_all_triplet_loss, "mean_nonzero"),
@@ -28,6 +33,8 @@ class TripletLoss(torch.nn.Module):
         self.mining = mining
         self.metric = metric
         self.soft_margin = bool(soft_margin)
+        if reduction is not None:
+            v.check_choice(reduction, "reduction", _REDUCTIONS[mining])
         self.reduction = _MINING[mining][1] if reduction is None else reduction
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -46,6 +53,7 @@ class ContrastiveLoss(torch.nn.Module):
     def __init__(self, margin=1.0, metric="euclidean", reduction="mean"):
         super().__init__()
         v.check_choice(metric, "metric", METRICS)
+        v.check_choice(reduction, "reduction", _REDUCTIONS["semi_hard"])
         self.margin = v.check_margin(margin)
         self.metric = metric
         self.reduction = reduction

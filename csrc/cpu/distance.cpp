@@ -31,15 +31,23 @@ int64_t block_rows(int64_t rows, int64_t cols, int64_t elem_size) {
 
 namespace {
 
+// G: (B, M) dot products of rows [r0, r0 + B) of x with y, turned into distances in place.
 template <typename T, Metric M>
-void dot_to_distance(at::Tensor& G, const T* aux_rows, const T* aux_cols) {
-  const int64_t B = G.size(0), Mc = G.size(1);
+void dot_to_distance(at::Tensor& G, const Prepared& x, int64_t r0, const Prepared& y) {
+  const int64_t B = G.size(0), Mc = G.size(1), D = x.e.size(1);
   T* g = G.data_ptr<T>();
-  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+  const T* xe = x.e.data_ptr<T>() + r0 * D;
+  const T* ye = y.e.data_ptr<T>();
+  const T* aux_rows = x.aux.data_ptr<T>() + r0;
+  const T* aux_cols = y.aux.data_ptr<T>();
+  at::parallel_for(0, B, row_grain(Mc), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       T* row = g + i * Mc;
+      const T* xi = xe + i * D;
       const T ai = aux_rows[i];
-      for (int64_t j = 0; j < Mc; ++j) row[j] = distance_from_dot<M>(row[j], ai, aux_cols[j]);
+      for (int64_t j = 0; j < Mc; ++j) {
+        row[j] = distance_from_dot<M>(row[j], xi, ye + j * D, D, ai, aux_cols[j]);
+      }
     }
   });
 }
@@ -51,7 +59,7 @@ at::Tensor distance_block(const Prepared& x, int64_t r0, int64_t B, const Prepar
   at::Tensor G = at::mm(x.e.narrow(0, r0, B), y.e.t());
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "distance_block", [&] {
     TC_METRIC_SWITCH(metric, kM, [&] {
-      dot_to_distance<scalar_t, kM>(G, x.aux.data_ptr<scalar_t>() + r0, y.aux.data_ptr<scalar_t>());
+      dot_to_distance<scalar_t, kM>(G, x, r0, y);
     });
   });
   return G;
@@ -67,7 +75,7 @@ void grad_coefficients(at::Tensor& W, at::Tensor& dist, const T* aux_rows, const
   const int64_t B = W.size(0), Mc = W.size(1);
   T* w = W.data_ptr<T>();
   T* d = dist.data_ptr<T>();
-  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, row_grain(Mc), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       T* wr = w + i * Mc;
       T* dr = d + i * Mc;

@@ -43,20 +43,20 @@ void accumulate_distance_grad(at::Tensor& W, at::Tensor& dist, const Prepared& x
                               const Prepared& y, Metric metric, at::Tensor& grad_x,
                               at::Tensor& grad_y);
 
-// Distance from a dot product and the two rows' aux values (see Prepared::aux).
-template <Metric M, typename T>
-inline T distance_from_dot(T dot, T aux_a, T aux_b) {
-  if constexpr (M == Metric::kCosine) {
-    return T(1) - dot * aux_a * aux_b;
-  } else {
-    const T sq = std::max(aux_a + aux_b - T(2) * dot, T(0));
-    if constexpr (M == Metric::kEuclidean) {
-      return std::sqrt(sq);
-    } else {
-      return sq;
-    }
-  }
+// Rows per parallel_for task when each row costs `cols` element operations: small batches
+// stay on one thread instead of paying a thread wake-up per row.
+inline int64_t row_grain(int64_t cols) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(cols, 1));
 }
+
+// Below this fraction of ||a||^2 + ||b||^2, the Gram expansion ||a||^2 + ||b||^2 - 2<a,b> of a
+// squared distance is mostly rounding noise (its error is about sqrt(D) * eps * (||a||^2 +
+// ||b||^2)); such pairs are recomputed from explicit differences, so that duplicates and the
+// diagonal are exactly 0 and close pairs keep their relative precision.
+template <typename T>
+constexpr T kGramNearZero = T(1) / T(1024);
+template <>
+constexpr double kGramNearZero<double> = 1.0 / (1024.0 * 1024.0);
 
 // Exact distance of one pair from its rows (explicit differences, no Gram cancellation).
 template <Metric M, typename T>
@@ -74,6 +74,24 @@ inline T pair_distance(const T* a, const T* b, int64_t D, T aux_a, T aux_b) {
       return std::sqrt(acc);
     } else {
       return acc;
+    }
+  }
+}
+
+// Distance of rows a and b (D features) from their dot product and aux values (see
+// Prepared::aux), recomputed exactly when the Gram expansion is within noise of 0.
+template <Metric M, typename T>
+inline T distance_from_dot(T dot, const T* a, const T* b, int64_t D, T aux_a, T aux_b) {
+  if constexpr (M == Metric::kCosine) {
+    return T(1) - dot * aux_a * aux_b;
+  } else {
+    const T scale = aux_a + aux_b;
+    const T sq = scale - T(2) * dot;
+    if (sq <= kGramNearZero<T> * scale) return pair_distance<M>(a, b, D, aux_a, aux_b);
+    if constexpr (M == Metric::kEuclidean) {
+      return std::sqrt(sq);
+    } else {
+      return sq;
     }
   }
 }
@@ -116,7 +134,7 @@ void for_each_distance_row(const Prepared& x, const Prepared& y, RowFn&& row_fn)
     const int64_t b = std::min(B, N - r0);
     const at::Tensor dist = distance_block(x, r0, b, y, M);
     const T* dp = dist.data_ptr<T>();
-    at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, b, row_grain(Mc), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) row_fn(r0 + i, dp + i * Mc);
     });
   }
@@ -137,7 +155,7 @@ at::Tensor dense_backward(const Prepared& x, WeightFn&& weight_fn) {
     at::Tensor W = at::empty_like(dist);
     const T* dp = dist.data_ptr<T>();
     T* wp = W.data_ptr<T>();
-    at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, b, row_grain(N), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) weight_fn(r0 + i, dp + i * N, wp + i * N);
     });
     accumulate_distance_grad(W, dist, x, r0, x, M, grad, grad);
