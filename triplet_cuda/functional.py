@@ -7,7 +7,8 @@ from . import _validation as v
 from ._ops import METRICS, STRATEGIES, ops
 from ._types import HardMining, TripletStats
 
-_REDUCTIONS = ("mean", "mean_nonzero", "sum")
+REDUCTIONS = ("mean", "mean_nonzero", "sum")
+BATCH_HARDREDUCTIONS = REDUCTIONS + ("none",)
 
 
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, *, metric: str = "euclidean") -> torch.Tensor:
@@ -65,7 +66,7 @@ def batch_hard_triplet_loss(embeddings, labels, margin=0.2, *, metric="euclidean
     """
     code = _check_batch(embeddings, labels, metric)
     margin = v.check_margin(margin)
-    v.check_choice(reduction, "reduction", _REDUCTIONS + ("none",))
+    v.check_choice(reduction, "reduction", BATCH_HARDREDUCTIONS)
     pos_dist, pos_idx, neg_dist, _ = ops.batch_hard_mine(embeddings, labels, code)
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     gap = pos_dist.to(acc) - neg_dist.to(acc)
@@ -95,7 +96,7 @@ def batch_all_triplet_loss(embeddings, labels, margin=0.2, *, metric="euclidean"
     """Batch-all triplet loss: relu(d_ap - d_an + margin) over every valid (a, p, n), without
     an N x N x N tensor. reduction: "mean_nonzero" (over terms > 0), "mean" (over valid
     triplets) or "sum"."""
-    return _fused_loss(ops.batch_all_loss, embeddings, labels, margin, metric, reduction, _REDUCTIONS,
+    return _fused_loss(ops.batch_all_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats)
 
 
@@ -104,7 +105,7 @@ def semi_hard_triplet_loss(embeddings, labels, margin=0.2, *, metric="euclidean"
     """Semi-hard triplet loss (FaceNet; TensorFlow Addons' TripletSemiHardLoss): for each (a, p)
     the nearest negative farther than d_ap, else the farthest negative. reduction: "mean" (over
     (a, p) pairs of anchors with a negative), "mean_nonzero" or "sum"."""
-    return _fused_loss(ops.semi_hard_loss, embeddings, labels, margin, metric, reduction, _REDUCTIONS,
+    return _fused_loss(ops.semi_hard_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats)
 
 
@@ -112,7 +113,7 @@ def contrastive_loss(embeddings, labels, margin=1.0, *, metric="euclidean", redu
                      return_stats=False):
     """Contrastive loss (Hadsell, Chopra, LeCun 2006) over unordered pairs i < j: d^2 for the same
     label, relu(margin - d)^2 otherwise. reduction: "mean" (over pairs), "mean_nonzero" or "sum"."""
-    return _fused_loss(ops.contrastive_loss, embeddings, labels, margin, metric, reduction, _REDUCTIONS,
+    return _fused_loss(ops.contrastive_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats)
 
 

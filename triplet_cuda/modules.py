@@ -7,15 +7,11 @@ from . import _validation as v
 from . import functional as F
 from ._ops import METRICS
 
-_REDUCTIONS = {
-    "batch_hard": ("mean", "mean_nonzero", "sum", "none"),
-    "batch_all": ("mean", "mean_nonzero", "sum"),
-    "semi_hard": ("mean", "mean_nonzero", "sum"),
-}
+# mining -> (loss function, default reduction, allowed reductions)
 _MINING = {
-    "batch_hard": (F.batch_hard_triplet_loss, "mean"),
-    "batch_all": (F.batch_all_triplet_loss, "mean_nonzero"),
-    "semi_hard": (F.semi_hard_triplet_loss, "mean"),
+    "batch_hard": (F.batch_hard_triplet_loss, "mean", F.BATCH_HARD_REDUCTIONS),
+    "batch_all": (F.batch_all_triplet_loss, "mean_nonzero", F.REDUCTIONS),
+    "semi_hard": (F.semi_hard_triplet_loss, "mean", F.REDUCTIONS),
 }
 
 
@@ -34,7 +30,7 @@ class TripletLoss(torch.nn.Module):
         self.metric = metric
         self.soft_margin = bool(soft_margin)
         if reduction is not None:
-            v.check_choice(reduction, "reduction", _REDUCTIONS[mining])
+            v.check_choice(reduction, "reduction", _MINING[mining][2])
         self.reduction = _MINING[mining][1] if reduction is None else reduction
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -53,7 +49,7 @@ class ContrastiveLoss(torch.nn.Module):
     def __init__(self, margin=1.0, metric="euclidean", reduction="mean"):
         super().__init__()
         v.check_choice(metric, "metric", METRICS)
-        v.check_choice(reduction, "reduction", _REDUCTIONS["semi_hard"])
+        v.check_choice(reduction, "reduction", F.REDUCTIONS)
         self.margin = v.check_margin(margin)
         self.metric = metric
         self.reduction = reduction
