@@ -8,7 +8,7 @@ from ._ops import METRICS, STRATEGIES, ops
 from ._types import HardMining, TripletStats
 
 REDUCTIONS = ("mean", "mean_nonzero", "sum")
-BATCH_HARDREDUCTIONS = REDUCTIONS + ("none",)
+BATCH_HARD_REDUCTIONS = REDUCTIONS + ("none",)
 
 
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, *, metric: str = "euclidean") -> torch.Tensor:
@@ -66,7 +66,7 @@ def batch_hard_triplet_loss(embeddings, labels, margin=0.2, *, metric="euclidean
     """
     code = _check_batch(embeddings, labels, metric)
     margin = v.check_margin(margin)
-    v.check_choice(reduction, "reduction", BATCH_HARDREDUCTIONS)
+    v.check_choice(reduction, "reduction", BATCH_HARD_REDUCTIONS)
     pos_dist, pos_idx, neg_dist, _ = ops.batch_hard_mine(embeddings, labels, code)
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     gap = pos_dist.to(acc) - neg_dist.to(acc)
