@@ -7,6 +7,12 @@
 
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define TC_HOST_DEVICE __host__ __device__
+#else
+#define TC_HOST_DEVICE
+#endif
+
 namespace triplet_cuda {
 
 // Metric codes as passed through the op schemas (an `int metric`).
@@ -19,6 +25,16 @@ enum class Metric : int64_t {
 
 // Norm floor of the cosine metric, as torch.nn.functional.cosine_similarity.
 constexpr double kCosineEps = 1e-8;
+
+// Below this fraction of ||a||^2 + ||b||^2, the Gram expansion ||a||^2 + ||b||^2 - 2<a,b> of a
+// squared distance is mostly rounding noise (its error is about sqrt(D) * eps * (||a||^2 +
+// ||b||^2)): the kernels recompute such pairs from explicit differences, so duplicates and
+// the diagonal are exactly 0 and close pairs keep their relative precision. T is the
+// accumulation type (float or double).
+template <typename T>
+TC_HOST_DEVICE constexpr T gram_near_zero() {
+  return sizeof(T) == sizeof(double) ? T(1.0 / (1024.0 * 1024.0)) : T(1.0 / 1024.0);
+}
 
 // Strategy codes of the mine_triplets op. Keep in sync with _ops.py::STRATEGIES.
 enum class Strategy : int64_t { kBatchHard = 0, kBatchAll = 1, kSemiHard = 2 };

@@ -49,15 +49,6 @@ inline int64_t row_grain(int64_t cols) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(cols, 1));
 }
 
-// Below this fraction of ||a||^2 + ||b||^2, the Gram expansion ||a||^2 + ||b||^2 - 2<a,b> of a
-// squared distance is mostly rounding noise (its error is about sqrt(D) * eps * (||a||^2 +
-// ||b||^2)); such pairs are recomputed from explicit differences, so that duplicates and the
-// diagonal are exactly 0 and close pairs keep their relative precision.
-template <typename T>
-constexpr T kGramNearZero = T(1) / T(1024);
-template <>
-constexpr double kGramNearZero<double> = 1.0 / (1024.0 * 1024.0);
-
 // Exact distance of one pair from its rows (explicit differences, no Gram cancellation).
 template <Metric M, typename T>
 inline T pair_distance(const T* a, const T* b, int64_t D, T aux_a, T aux_b) {
@@ -79,7 +70,8 @@ inline T pair_distance(const T* a, const T* b, int64_t D, T aux_a, T aux_b) {
 }
 
 // Distance of rows a and b (D features) from their dot product and aux values (see
-// Prepared::aux), recomputed exactly when the Gram expansion is within noise of 0.
+// Prepared::aux), recomputed exactly when the Gram expansion is within noise of 0
+// (see gram_near_zero in common.h).
 template <Metric M, typename T>
 inline T distance_from_dot(T dot, const T* a, const T* b, int64_t D, T aux_a, T aux_b) {
   if constexpr (M == Metric::kCosine) {
@@ -87,7 +79,7 @@ inline T distance_from_dot(T dot, const T* a, const T* b, int64_t D, T aux_a, T 
   } else {
     const T scale = aux_a + aux_b;
     const T sq = scale - T(2) * dot;
-    if (sq <= kGramNearZero<T> * scale) return pair_distance<M>(a, b, D, aux_a, aux_b);
+    if (sq <= gram_near_zero<T>() * scale) return pair_distance<M>(a, b, D, aux_a, aux_b);
     if constexpr (M == Metric::kEuclidean) {
       return std::sqrt(sq);
     } else {

@@ -88,7 +88,8 @@ __global__ void __launch_bounds__(kTileThreads)
       for (int i = 0; i < kPer; ++i) {
         const int64_t r = a0 + ty + kTileDim * i;
         if (r >= N || c == r) continue;
-        const acc_t d = dist_from_dot<M>(acc[i][j], sq_r[i], inv_r[i], sq_c, inv_c);
+        const acc_t d =
+            dist_from_dot<M>(acc[i][j], sq_r[i], inv_r[i], sq_c, inv_c, x + r * D, x + c * D, D);
         if (lab_c == lab_r[i]) {
           if (pos_better(d, c, pd[i], pi[i])) {
             pd[i] = d;

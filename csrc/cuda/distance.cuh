@@ -80,14 +80,32 @@ at::Tensor compute_row_stats(const at::Tensor& x, cudaStream_t stream) {
 
 // ------------------------------------------------------------------------ metric math
 
-// Distance from a dot product and the two rows' statistics (Gram form).
-template <Metric M, typename acc_t>
+// Exact squared distance of rows a and b by explicit differences, by one thread. Used only
+// for the rare pairs whose Gram expansion is within rounding noise of 0.
+template <typename scalar_t, typename acc_t>
+__device__ __noinline__ acc_t thread_squared_distance(const scalar_t* __restrict__ a,
+                                                      const scalar_t* __restrict__ b, int64_t D) {
+  acc_t s = 0;
+  for (int64_t k = 0; k < D; ++k) {
+    const acc_t diff = to_acc<acc_t>(a[k]) - to_acc<acc_t>(b[k]);
+    s += diff * diff;
+  }
+  return s;
+}
+
+// Distance of rows a and b (D features) from their dot product and statistics (Gram form);
+// squared distances within rounding noise of 0 (gram_near_zero in common.h) are recomputed
+// exactly from the rows, as on the CPU, so duplicates and the diagonal are exactly 0.
+template <Metric M, typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t dist_from_dot(acc_t dot, acc_t sq_a, acc_t inv_a, acc_t sq_b,
-                                               acc_t inv_b) {
+                                               acc_t inv_b, const scalar_t* __restrict__ a,
+                                               const scalar_t* __restrict__ b, int64_t D) {
   if constexpr (M == Metric::kCosine) {
     return acc_t(1) - dot * inv_a * inv_b;
   } else {
-    const acc_t s = acc_max(sq_a + sq_b - acc_t(2) * dot, acc_t(0));
+    const acc_t scale = sq_a + sq_b;
+    acc_t s = scale - acc_t(2) * dot;
+    if (s <= gram_near_zero<acc_t>() * scale) s = thread_squared_distance<scalar_t, acc_t>(a, b, D);
     if constexpr (M == Metric::kEuclidean) {
       return acc_sqrt(s);
     } else {
@@ -185,8 +203,8 @@ __global__ void __launch_bounds__(kTileThreads)
     for (int j = 0; j < kPer; ++j) {
       const int64_t c = b0 + tx + kTileDim * j;
       if (c >= nB) continue;
-      out[r * ldo + c] =
-          static_cast<out_t>(dist_from_dot<M>(acc[i][j], sq_a, inv_a, sb.sq[c], sb.inv[c]));
+      out[r * ldo + c] = static_cast<out_t>(dist_from_dot<M>(
+          acc[i][j], sq_a, inv_a, sb.sq[c], sb.inv[c], A + r * D, B + c * D, D));
     }
   }
 }
