@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--name", default=None, help="file stem (default: the preset, 'custom' with overrides)")
     o.add_argument("--no-plots", action="store_true")
     o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--render", type=Path, metavar="JSON",
+                   help="only rewrite the Markdown and plots of a results JSON (beside it) and print the tables")
     return p
 
 
@@ -128,20 +130,35 @@ def run(config: sweep.SweepConfig, *, out_dir: Path | None = None, plots: bool =
     out_dir = Path(out_dir) if out_dir is not None else report.RESULTS_DIR / meta["device_slug"]
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_json(doc, out_dir / f"{config.name}.json")
+    _write_report(doc, out_dir, config.name, plots, stream)
+    print(f"results: {out_dir / (config.name + '.json')}", file=stream)
+    return doc
+
+
+def _write_report(doc: dict, out_dir: Path, stem: str, plots: bool, stream) -> None:
+    """<stem>.md (the tables and links to the plots) and the plots; prints the tables."""
     md = report.markdown(doc)
-    notes = []
+    notes, md_plots = [], ""
     if plots:
-        files, note = report.plot(doc, out_dir, config.name)
+        files, note = report.plot(doc, out_dir, stem)
         if note:
             notes.append(note)
         md_plots = "\n".join(f"![{f.stem}]({f.name})" for f in files)
-    else:
-        md_plots = ""
-    (out_dir / f"{config.name}.md").write_text(md + ("\n" + md_plots + "\n" if md_plots else ""))
+    (out_dir / f"{stem}.md").write_text(md + ("\n" + md_plots + "\n" if md_plots else ""))
     print(md, file=stream)
     for n in notes:
         print(f"note: {n}", file=stream)
-    print(f"results: {out_dir / (config.name + '.json')}", file=stream)
+
+
+def render(path: Path, plots: bool = True, stream=None) -> dict:
+    """Rewrites the Markdown and plots of a saved results JSON."""
+    import json
+
+    doc = json.loads(Path(path).read_text())
+    errors = report.validate(doc)
+    if errors:
+        raise SystemExit(f"{path}: not a valid results file: {errors[:3]}")
+    _write_report(doc, Path(path).parent, Path(path).stem, plots, sys.stdout if stream is None else stream)
     return doc
 
 
@@ -155,6 +172,9 @@ def _loadavg():
 def main(argv=None) -> int:
     argv = sys.argv if argv is None else argv
     args = parser().parse_args(argv[1:])
+    if args.render:
+        render(args.render, plots=not args.no_plots)
+        return 0
     config = build_config(args)
     run(config, out_dir=args.out, plots=not args.no_plots, progress=not args.no_progress, argv=argv)
     return 0

@@ -236,7 +236,11 @@ def markdown(doc: dict) -> str:
     out.append(f"- device: {meta['device']}; threads: {meta['threads']}; torch {meta['torch']}; "
                f"triplet_cuda {meta.get('triplet_cuda')} ({meta.get('loaded_from')}); "
                f"pytorch-metric-learning {meta.get('pml') or 'not installed'}")
-    out.append(f"- commit {commit}; {meta['date']}; `{meta['command']}`")
+    load = meta.get("loadavg") or {}
+    load_txt = ""
+    if load.get("start") and load.get("end"):
+        load_txt = f"; load average {load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end"
+    out.append(f"- commit {commit}; {meta['date']}; `{meta['command']}`{load_txt}")
     out.append(f"- time: median per call over the timed repetitions ({meta['timer']}); "
                "`(Nx)`: time / triplet_cuda's time in the same row (> 1: triplet_cuda is faster)")
     out.append(f"- memory: {meta['memory']}")

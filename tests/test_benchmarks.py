@@ -175,6 +175,9 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "tiny-time-fwdbwd-float32.png").stat().st_size > 0
         assert (tmp_path / "tiny-memory-fwd-float32.png").stat().st_size > 0
+    (tmp_path / "tiny.md").unlink()
+    cli.render(tmp_path / "tiny.json", plots=False)  # the report again, from the JSON alone
+    assert (tmp_path / "tiny.md").read_text().startswith(md.splitlines()[0])
 
 
 def test_failures_are_recorded_and_the_sweep_goes_on():
