@@ -4,7 +4,7 @@ import importlib
 
 import torch  # noqa: F401
 
-from . import impls  # noqa: F401
+from . import harness, impls  # noqa: F401
 
 for _name in ("triplet_cuda", "pytorch_metric_learning.losses", "pytorch_metric_learning.miners",
               "torch._dynamo", "torch._inductor.compile_fx"):

@@ -119,7 +119,8 @@ def run(config: sweep.SweepConfig, *, out_dir: Path | None = None, plots: bool =
         print(f"note: {why}; its rows are skipped", file=sys.stderr)
     load_before = _loadavg()
     cores = sweep.default_threads()
-    if not config.device.startswith("cuda") and load_before and load_before[0] > 0.5 * cores:
+    threads = config.threads or cores
+    if not config.device.startswith("cuda") and load_before and load_before[0] + threads > cores + 0.5:
         print(f"warning: load average {load_before[0]:.2f} on {cores} cores: other processes compete for the "
               "CPU and the times will be inflated (use an idle machine, or fewer --threads)", file=sys.stderr)
     rows, info = sweep.run(config, progress=progress, step_factory=step_factory)
