@@ -1,6 +1,10 @@
 """Imported once by the fork server that runs isolated cases (see harness._context), so that each
 case's child starts with torch, triplet_cuda, the peers and torch.compile's machinery loaded."""
 import importlib
+import warnings
+
+# torch.compile's internals warn about their own deprecations on every compilation
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
 
 import torch  # noqa: F401
 

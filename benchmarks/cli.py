@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -173,6 +174,8 @@ def _loadavg():
 def main(argv=None) -> int:
     argv = sys.argv if argv is None else argv
     args = parser().parse_args(argv[1:])
+    # torch.compile's internals warn about their own deprecations on every compilation
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
     if args.render:
         render(args.render, plots=not args.no_plots)
         return 0
