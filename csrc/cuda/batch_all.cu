@@ -30,6 +30,38 @@ constexpr int64_t batch_all_bytes_per_elem() {
   return 5 * static_cast<int64_t>(sizeof(acc_t)) + 2 * 8 + 2 * 8 + 8;
 }
 
+// C[row, t] = sum_{u <= t} S[row, u] in float64 (inclusive prefix sums of each row of the
+// (rows, N) matrix S), one block of kRowThreads per row. The row is scanned kRowThreads
+// elements at a time: a shuffle scan inside each warp, then the warp totals and the carry of
+// the earlier elements are added in a fixed order, so the result does not depend on timing
+// (at::cumsum is not like that for a single row: it then uses cub's look-back scan).
+template <typename acc_t>
+__global__ void __launch_bounds__(kRowThreads)
+    row_prefix_sums_kernel(const acc_t* __restrict__ S, int64_t N, double* __restrict__ C) {
+  constexpr int kWarps = kRowThreads / kWarp;
+  __shared__ double warp_total[kWarps];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const acc_t* __restrict__ s = S + static_cast<int64_t>(blockIdx.x) * N;
+  double* __restrict__ c = C + static_cast<int64_t>(blockIdx.x) * N;
+  double carry = 0;  // sum of the elements before `base`, the same in every thread
+  for (int64_t base = 0; base < N; base += kRowThreads) {
+    const int64_t k = base + threadIdx.x;
+    double v = k < N ? static_cast<double>(s[k]) : 0.0;
+#pragma unroll
+    for (int off = 1; off < kWarp; off *= 2) {  // inclusive scan inside the warp
+      const double u = __shfl_up_sync(0xffffffffu, v, off);
+      if (lane >= off) v += u;
+    }
+    if (lane == kWarp - 1) warp_total[warp] = v;
+    __syncthreads();
+    double prefix = carry;
+    for (int w = 0; w < warp; ++w) prefix += warp_total[w];
+    if (k < N) c[k] = prefix + v;
+    for (int w = 0; w < kWarps; ++w) carry += warp_total[w];
+    __syncthreads();  // warp_total is rewritten by the next round
+  }
+}
+
 // One block per anchor row of the chunk (a = i0 + blockIdx.x).
 //   sn: the row's sorted keys of negatives (first Q entries are its negatives' distances);
 //   cn: float64 inclusive prefix sums of sn (forward only);
@@ -130,7 +162,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_loss_cuda(const at::Ten
             const at::Tensor sn =
                 std::get<0>(at::sort(keys, /*stable=*/true, /*dim=*/1, /*descending=*/false))
                     .contiguous();
-            const at::Tensor cn = at::cumsum(sn, /*dim=*/1, at::kDouble).contiguous();
+            at::Tensor cn = at::empty({r, N}, sn.options().dtype(at::kDouble));
+            row_prefix_sums_kernel<acc_t><<<grid_1d(r), kRowThreads, 0, stream>>>(
+                sn.data_ptr<acc_t>(), N, cn.data_ptr<double>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
             batch_all_rows_kernel<acc_t, false><<<grid_1d(r), kRowThreads, 0, stream>>>(
                 Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), cn.data_ptr<double>(), nullptr,
                 lab.data_ptr<int64_t>(), groups.sorted.data_ptr<int64_t>(), N, i0, m,
