@@ -9,7 +9,9 @@
 // stably (keys +inf for non-negatives; one segmented at::sort per chunk), so the sorted
 // indices break ties by the lowest index. For a positive at d_ap the first sorted position
 // with d_an > d_ap is found by binary search; it is the first occurrence of its value. The
-// fallback (largest d_an) is the first occurrence of the last value.
+// fallback (largest d_an) is the first occurrence of the last value. (Should a distance be
+// +inf, the +inf keys of the non-negatives tie with it; a pick that is not a negative is
+// then redone by a scan of the row, as on the CPU.)
 //
 // One block per anchor row, columns owned by threads; row totals in a fixed order, rows in
 // a fixed order (deterministic). The backward's weights are +1 on (a, p) and -1 per active
@@ -32,6 +34,31 @@ enum class SemiMode { kForward, kBackward, kMine };
 template <typename acc_t>
 constexpr int64_t semi_hard_bytes_per_elem() {
   return 4 * static_cast<int64_t>(sizeof(acc_t)) + 8 + 4;
+}
+
+// The semi-hard choice for a positive at distance d by one thread scanning anchor row d_row,
+// exactly as the CPU's scan_select: the nearest negative with d_an > d, else the farthest one;
+// ascending index with strict comparisons, so ties go to the lowest index. Q > 0 required.
+template <typename acc_t>
+__device__ __noinline__ void semi_hard_scan(const acc_t* __restrict__ d_row,
+                                            const int64_t* __restrict__ labels, int64_t N,
+                                            int64_t la, acc_t d, acc_t& dn, int64_t& n) {
+  int64_t best = -1, far = -1;
+  acc_t best_d = 0, far_d = 0;
+  for (int64_t u = 0; u < N; ++u) {
+    if (labels[u] == la) continue;
+    const acc_t du = d_row[u];
+    if (far < 0 || du > far_d) {
+      far = u;
+      far_d = du;
+    }
+    if (du > d && (best < 0 || du < best_d)) {
+      best = u;
+      best_d = du;
+    }
+  }
+  n = best >= 0 ? best : far;
+  dn = best >= 0 ? best_d : far_d;
 }
 
 // One block per anchor row of the chunk (a = i0 + blockIdx.x).
@@ -81,6 +108,11 @@ __global__ void __launch_bounds__(kRowThreads)
         dn = sn[Q - 1];
         const int64_t t2 = partition_point(Q, [&](int64_t u) { return sn[u] < dn; });
         n = in[t2];
+      }
+      if (labels[n] == la) {
+        // Only possible with +inf (or NaN) distances: the +inf sort keys of the non-negatives
+        // then tie with (or precede) negatives in the sort, and a non-negative was picked.
+        semi_hard_scan(d_row, labels, N, la, d, dn, n);
       }
       if constexpr (kMode == SemiMode::kForward) {
         const acc_t v = d - dn + margin;
