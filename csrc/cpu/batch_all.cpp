@@ -39,8 +39,16 @@ struct BatchAllRows {
 
   // Number of active positives for a negative at d_an. The predicate is evaluated exactly as
   // d_ap - d_an + margin > 0 in T; it is monotone in d_ap, so the active positives are a suffix
-  // of the ascending ones and the count is exact.
+  // of the ascending ones. Few positives (the usual P x K batch) are counted by a branch-free
+  // scan, many by binary search; both count the same set.
+  static constexpr size_t kScanMaxPositives = 16;
+
   int64_t active_positives(const std::vector<Pos>& pos, T d_an) const {
+    if (pos.size() <= kScanMaxPositives) {
+      int64_t c = 0;
+      for (const Pos& p : pos) c += static_cast<int64_t>(p.first - d_an + margin > T(0));
+      return c;
+    }
     const auto first_active = std::partition_point(
         pos.begin(), pos.end(), [&](const Pos& p) { return !(p.first - d_an + margin > T(0)); });
     return pos.end() - first_active;

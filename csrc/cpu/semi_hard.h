@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -50,21 +51,30 @@ struct SemiHardRows {
   template <typename Fn>
   void scan_select(int64_t a, const T* d, const std::vector<int64_t>& pos, Fn& fn) const {
     const size_t P = pos.size();
-    std::vector<Neg> nearest_outside(P, Neg(T(0), -1));
-    Neg farthest(T(0), -1);
-    // Ascending j with strict comparisons: ties keep the lowest index.
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    std::vector<T> d_ap(P), outside_d(P, inf);
+    std::vector<int64_t> outside_i(P, -1);
+    for (size_t k = 0; k < P; ++k) d_ap[k] = d[pos[k]];
+    T farthest_d = -inf;
+    int64_t farthest_i = -1;
+    // Ascending j with strict comparisons: ties keep the lowest index. The updates are
+    // selects, not branches: d_an against d_ap is a coin flip the predictor cannot learn.
     for (int64_t j = 0; j < N; ++j) {
       if (lab[j] == lab[a]) continue;
       const T dj = d[j];
-      if (farthest.second < 0 || dj > farthest.first) farthest = Neg(dj, j);
+      const bool farther = (farthest_i < 0) | (dj > farthest_d);
+      farthest_d = farther ? dj : farthest_d;
+      farthest_i = farther ? j : farthest_i;
       for (size_t k = 0; k < P; ++k) {
-        Neg& best = nearest_outside[k];
-        if (dj > d[pos[k]] && (best.second < 0 || dj < best.first)) best = Neg(dj, j);
+        const bool nearer = (dj > d_ap[k]) & ((outside_i[k] < 0) | (dj < outside_d[k]));
+        outside_d[k] = nearer ? dj : outside_d[k];
+        outside_i[k] = nearer ? j : outside_i[k];
       }
     }
     for (size_t k = 0; k < P; ++k) {
-      const Neg& n = nearest_outside[k].second >= 0 ? nearest_outside[k] : farthest;
-      fn(pos[k], n, d[pos[k]] - n.first + margin);
+      const Neg n = outside_i[k] >= 0 ? Neg(outside_d[k], outside_i[k])
+                                      : Neg(farthest_d, farthest_i);
+      fn(pos[k], n, d_ap[k] - n.first + margin);
     }
   }
 
