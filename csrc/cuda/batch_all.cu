@@ -23,13 +23,6 @@ namespace triplet_cuda {
 namespace cuda {
 namespace {
 
-// Bytes of chunk workspace per (row, column) element: distances, keys, sorted values
-// and their int64 sort indices for one or two key sets, float64 prefix sums.
-template <typename acc_t>
-constexpr int64_t batch_all_bytes_per_elem() {
-  return 5 * static_cast<int64_t>(sizeof(acc_t)) + 2 * 8 + 2 * 8 + 8;
-}
-
 // C[row, t] = sum_{u <= t} S[row, u] in float64 (inclusive prefix sums of each row of the
 // (rows, N) matrix S), one block of kRowThreads per row. The row is scanned kRowThreads
 // elements at a time: a shuffle scan inside each warp, then the warp totals and the carry of
@@ -132,106 +125,69 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// embeddings: (N, D), labels: (N,) any integer dtype, margin, metric
-//   -> (loss_sum 0-d acc dtype, num_valid 0-d int64, num_positive 0-d int64) over every
-//      (anchor, positive, negative) triplet with term relu(d_ap - d_an + margin).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_loss_cuda(const at::Tensor& embeddings,
-                                                                   const at::Tensor& labels,
-                                                                   double margin, int64_t metric) {
-  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
-  const c10::cuda::CUDAGuard guard(embeddings.device());
-  const at::Tensor x = embeddings.contiguous();
-  const int64_t N = x.size(0);
-  if (N == 0) return empty_loss(x);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const LabelGroups groups = label_groups(lab, stream);
-  const RowResults rows = make_row_results(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "batch_all_loss_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
-    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
-    const int64_t R = chunk_rows(N, batch_all_bytes_per_elem<acc_t>());
-    const acc_t m = static_cast<acc_t>(margin);
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      for_each_distance_chunk<scalar_t, acc_t, kM>(
-          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
-            at::Tensor keys = at::empty({r, N}, acc_options);
-            launch_sort_keys<acc_t>(Dc, lab, i0, r, keys.data_ptr<acc_t>(), nullptr, stream);
-            const at::Tensor sn =
-                std::get<0>(at::sort(keys, /*stable=*/true, /*dim=*/1, /*descending=*/false))
-                    .contiguous();
-            at::Tensor cn = at::empty({r, N}, sn.options().dtype(at::kDouble));
-            row_prefix_sums_kernel<acc_t><<<grid_1d(r), kRowThreads, 0, stream>>>(
-                sn.data_ptr<acc_t>(), N, cn.data_ptr<double>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            batch_all_rows_kernel<acc_t, false><<<grid_1d(r), kRowThreads, 0, stream>>>(
-                Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), cn.data_ptr<double>(), nullptr,
-                lab.data_ptr<int64_t>(), groups.sorted.data_ptr<int64_t>(), N, i0, m,
-                rows.loss.data_ptr<double>(), rows.valid.data_ptr<int64_t>(),
-                rows.positive.data_ptr<int64_t>(), nullptr);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-    });
-  });
-  return finalize_loss(rows, x, stream);
-}
+// The batch-all loss for loss_forward_cuda / loss_backward_cuda (loss_common.cuh): every
+// (anchor, positive, negative) triplet with term relu(d_ap - d_an + margin).
+struct BatchAllLoss {
+  static constexpr bool kLabelGroups = true;
+  static constexpr const char* kForwardName = "batch_all_loss_cuda";
+  static constexpr const char* kBackwardName = "batch_all_loss_backward_cuda";
 
-// grad_loss_sum: 0-d; embeddings (N, D), labels (N,), margin, metric (the forward's inputs)
-//   -> grad (N, D) in the dtype of embeddings = grad_loss_sum * d loss_sum / d embeddings.
-at::Tensor batch_all_loss_backward_cuda(const at::Tensor& grad_loss_sum,
-                                        const at::Tensor& embeddings, const at::Tensor& labels,
-                                        double margin, int64_t metric) {
-  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
-  const c10::cuda::CUDAGuard guard(embeddings.device());
-  const at::Tensor x = embeddings.contiguous();
-  const at::Tensor gls = check_grad_loss_sum(grad_loss_sum, x);
-  const int64_t N = x.size(0), D = x.size(1);
-  if (N == 0 || D == 0) return at::zeros({N, D}, x.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const LabelGroups groups = label_groups(lab, stream);
-  at::Tensor result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "batch_all_loss_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
-    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
-    const int64_t R = chunk_rows(N, batch_all_bytes_per_elem<acc_t>());
-    const acc_t m = static_cast<acc_t>(margin);
-    at::Tensor G = at::zeros({N, D}, acc_options);
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      for_each_distance_chunk<scalar_t, acc_t, kM>(
-          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
-            // keys[0]: negatives, keys[1]: positives; one segmented sort of 2r rows.
-            at::Tensor keys = at::empty({2, r, N}, acc_options);
-            acc_t* kp = keys.data_ptr<acc_t>();
-            launch_sort_keys<acc_t>(Dc, lab, i0, r, kp, kp + r * N, stream);
-            const at::Tensor sorted =
-                std::get<0>(at::sort(keys.view({2 * r, N}), /*stable=*/true, /*dim=*/1,
-                                     /*descending=*/false))
-                    .contiguous();
-            const acc_t* sp_all = sorted.data_ptr<acc_t>();
-            at::Tensor Wc = at::empty({r, N}, acc_options);
-            batch_all_rows_kernel<acc_t, true><<<grid_1d(r), kRowThreads, 0, stream>>>(
-                Dc.data_ptr<acc_t>(), sp_all, nullptr, sp_all + r * N, lab.data_ptr<int64_t>(),
-                groups.sorted.data_ptr<int64_t>(), N, i0, m, nullptr, nullptr, nullptr,
-                Wc.data_ptr<acc_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            add_chunk_grad<scalar_t, acc_t, kM>(Wc, Dc, x, st, i0, r, G, stream);
-          });
-    });
-    result = finish_grad<scalar_t, acc_t>(G, gls, x, stream);
-  });
-  return result;
-}
+  // Bytes of chunk workspace per (row, column) element: distances, keys, sorted values
+  // and their int64 sort indices for one or two key sets, float64 prefix sums.
+  template <typename acc_t>
+  static constexpr int64_t bytes_per_elem() {
+    return 5 * static_cast<int64_t>(sizeof(acc_t)) + 2 * 8 + 2 * 8 + 8;
+  }
+
+  template <typename acc_t>
+  static void forward(const LossChunk& c, const RowResults& rows) {
+    const acc_t m = static_cast<acc_t>(c.margin);
+    const int64_t r = c.r, N = c.N;
+    const at::Tensor keys = at::empty({r, N}, c.Dc.options());
+    launch_sort_keys<acc_t>(c.Dc, c.labels, c.i0, r, keys.data_ptr<acc_t>(), nullptr, c.stream);
+    const at::Tensor sn =
+        std::get<0>(at::sort(keys, /*stable=*/true, /*dim=*/1, /*descending=*/false))
+            .contiguous();
+    const at::Tensor cn = at::empty({r, N}, sn.options().dtype(at::kDouble));
+    row_prefix_sums_kernel<acc_t><<<grid_1d(r), kRowThreads, 0, c.stream>>>(
+        sn.data_ptr<acc_t>(), N, cn.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    batch_all_rows_kernel<acc_t, false><<<grid_1d(r), kRowThreads, 0, c.stream>>>(
+        c.Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), cn.data_ptr<double>(), nullptr,
+        c.labels.data_ptr<int64_t>(), c.groups.sorted.data_ptr<int64_t>(), N, c.i0, m,
+        rows.loss.data_ptr<double>(), rows.valid.data_ptr<int64_t>(),
+        rows.positive.data_ptr<int64_t>(), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename acc_t>
+  static at::Tensor weights(const LossChunk& c) {
+    const acc_t m = static_cast<acc_t>(c.margin);
+    const int64_t r = c.r, N = c.N;
+    // keys[0]: negatives, keys[1]: positives; one segmented sort of 2r rows.
+    const at::Tensor keys = at::empty({2, r, N}, c.Dc.options());
+    acc_t* kp = keys.data_ptr<acc_t>();
+    launch_sort_keys<acc_t>(c.Dc, c.labels, c.i0, r, kp, kp + r * N, c.stream);
+    const at::Tensor sorted =
+        std::get<0>(at::sort(keys.view({2 * r, N}), /*stable=*/true, /*dim=*/1,
+                             /*descending=*/false))
+            .contiguous();
+    const acc_t* sp_all = sorted.data_ptr<acc_t>();
+    at::Tensor Wc = at::empty({r, N}, c.Dc.options());
+    batch_all_rows_kernel<acc_t, true><<<grid_1d(r), kRowThreads, 0, c.stream>>>(
+        c.Dc.data_ptr<acc_t>(), sp_all, nullptr, sp_all + r * N, c.labels.data_ptr<int64_t>(),
+        c.groups.sorted.data_ptr<int64_t>(), N, c.i0, m, nullptr, nullptr, nullptr,
+        Wc.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return Wc;
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
-  m.impl("batch_all_loss", &batch_all_loss_cuda);
-  m.impl("batch_all_loss_backward", &batch_all_loss_backward_cuda);
+  m.impl("batch_all_loss", &loss_forward_cuda<BatchAllLoss>);
+  m.impl("batch_all_loss_backward", &loss_backward_cuda<BatchAllLoss>);
 }
 
 }  // namespace cuda

@@ -15,12 +15,6 @@ namespace triplet_cuda {
 namespace cuda {
 namespace {
 
-// Bytes of chunk workspace per (row, column) element: distances and weights.
-template <typename acc_t>
-constexpr int64_t contrastive_bytes_per_elem() {
-  return 2 * static_cast<int64_t>(sizeof(acc_t));
-}
-
 // One block per row i = i0 + blockIdx.x of the chunk.
 // Forward: loss_rows[i], valid_rows[i] = N - 1 - i, pos_rows[i]. Backward: Wc[row, :].
 template <typename acc_t, bool kBackward>
@@ -66,83 +60,46 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// embeddings: (N, D), labels: (N,) any integer dtype, margin, metric
-//   -> (loss_sum 0-d acc dtype, num_valid = N (N - 1) / 2 0-d int64, num_positive 0-d int64).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_cuda(const at::Tensor& embeddings,
-                                                                     const at::Tensor& labels,
-                                                                     double margin,
-                                                                     int64_t metric) {
-  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
-  const c10::cuda::CUDAGuard guard(embeddings.device());
-  const at::Tensor x = embeddings.contiguous();
-  const int64_t N = x.size(0);
-  if (N == 0) return empty_loss(x);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const RowResults rows = make_row_results(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "contrastive_loss_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
-    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
-    const int64_t R = chunk_rows(N, contrastive_bytes_per_elem<acc_t>());
-    const acc_t m = static_cast<acc_t>(margin);
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      for_each_distance_chunk<scalar_t, acc_t, kM>(
-          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
-            contrastive_rows_kernel<acc_t, false><<<grid_1d(r), kRowThreads, 0, stream>>>(
-                Dc.data_ptr<acc_t>(), lab.data_ptr<int64_t>(), N, i0, m,
-                rows.loss.data_ptr<double>(), rows.valid.data_ptr<int64_t>(),
-                rows.positive.data_ptr<int64_t>(), nullptr);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-    });
-  });
-  return finalize_loss(rows, x, stream);
-}
+// The contrastive loss for loss_forward_cuda / loss_backward_cuda (loss_common.cuh):
+// num_valid = N (N - 1) / 2 unordered pairs.
+struct ContrastiveLoss {
+  static constexpr bool kLabelGroups = false;
+  static constexpr const char* kForwardName = "contrastive_loss_cuda";
+  static constexpr const char* kBackwardName = "contrastive_loss_backward_cuda";
 
-// grad_loss_sum: 0-d; embeddings (N, D), labels (N,), margin, metric (the forward's inputs)
-//   -> grad (N, D) in the dtype of embeddings = grad_loss_sum * d loss_sum / d embeddings.
-at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad_loss_sum,
-                                          const at::Tensor& embeddings, const at::Tensor& labels,
-                                          double margin, int64_t metric) {
-  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
-  const c10::cuda::CUDAGuard guard(embeddings.device());
-  const at::Tensor x = embeddings.contiguous();
-  const at::Tensor gls = check_grad_loss_sum(grad_loss_sum, x);
-  const int64_t N = x.size(0), D = x.size(1);
-  if (N == 0 || D == 0) return at::zeros({N, D}, x.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "contrastive_loss_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
-    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
-    const int64_t R = chunk_rows(N, contrastive_bytes_per_elem<acc_t>());
-    const acc_t m = static_cast<acc_t>(margin);
-    at::Tensor G = at::zeros({N, D}, acc_options);
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      for_each_distance_chunk<scalar_t, acc_t, kM>(
-          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
-            at::Tensor Wc = at::empty({r, N}, acc_options);
-            contrastive_rows_kernel<acc_t, true><<<grid_1d(r), kRowThreads, 0, stream>>>(
-                Dc.data_ptr<acc_t>(), lab.data_ptr<int64_t>(), N, i0, m, nullptr, nullptr,
-                nullptr, Wc.data_ptr<acc_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            add_chunk_grad<scalar_t, acc_t, kM>(Wc, Dc, x, st, i0, r, G, stream);
-          });
-    });
-    result = finish_grad<scalar_t, acc_t>(G, gls, x, stream);
-  });
-  return result;
-}
+  // Bytes of chunk workspace per (row, column) element: distances and weights.
+  template <typename acc_t>
+  static constexpr int64_t bytes_per_elem() {
+    return 2 * static_cast<int64_t>(sizeof(acc_t));
+  }
+
+  template <typename acc_t>
+  static void forward(const LossChunk& c, const RowResults& rows) {
+    const acc_t m = static_cast<acc_t>(c.margin);
+    contrastive_rows_kernel<acc_t, false><<<grid_1d(c.r), kRowThreads, 0, c.stream>>>(
+        c.Dc.data_ptr<acc_t>(), c.labels.data_ptr<int64_t>(), c.N, c.i0, m,
+        rows.loss.data_ptr<double>(), rows.valid.data_ptr<int64_t>(),
+        rows.positive.data_ptr<int64_t>(), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename acc_t>
+  static at::Tensor weights(const LossChunk& c) {
+    const acc_t m = static_cast<acc_t>(c.margin);
+    at::Tensor Wc = at::empty({c.r, c.N}, c.Dc.options());
+    contrastive_rows_kernel<acc_t, true><<<grid_1d(c.r), kRowThreads, 0, c.stream>>>(
+        c.Dc.data_ptr<acc_t>(), c.labels.data_ptr<int64_t>(), c.N, c.i0, m, nullptr,
+        nullptr, nullptr, Wc.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return Wc;
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
-  m.impl("contrastive_loss", &contrastive_loss_cuda);
-  m.impl("contrastive_loss_backward", &contrastive_loss_backward_cuda);
+  m.impl("contrastive_loss", &loss_forward_cuda<ContrastiveLoss>);
+  m.impl("contrastive_loss_backward", &loss_backward_cuda<ContrastiveLoss>);
 }
 
 }  // namespace cuda

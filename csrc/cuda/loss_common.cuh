@@ -3,7 +3,9 @@
 //   * the row-chunk driver: distances of `R` anchor rows against all N rows in a (R, N)
 //     acc_t workspace (O(R * N) memory, R chosen to bound it), one chunk at a time,
 //   * the deterministic reduction of per-row loss results into the three 0-d outputs,
-//   * the dense backward of a chunk through pair_grad.cuh and the final scaling.
+//   * the dense backward of a chunk through pair_grad.cuh and the final scaling,
+//   * the generic loss entry points loss_forward_cuda / loss_backward_cuda (the CUDA
+//     counterpart of csrc/cpu/loss.h): each loss .cu file only supplies its row kernels.
 #pragma once
 
 #include "distance.cuh"
@@ -248,6 +250,96 @@ at::Tensor finish_grad(const at::Tensor& G, const at::Tensor& gls, const at::Ten
       G.data_ptr<acc_t>(), gls.data_ptr<acc_t>(), n, grad.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad;
+}
+
+// ------------------------------------------------------------------------ loss driver
+
+// One chunk of anchor rows as a loss policy sees it (see loss_forward_cuda).
+struct LossChunk {
+  const at::Tensor& Dc;       // (R, N) acc_t: rows [0, r) hold d(x_{i0 + row}, x_j)
+  int64_t i0, r, N;           // anchors i0 .. i0 + r - 1 of N
+  const at::Tensor& labels;   // (N) int64 contiguous
+  const LabelGroups& groups;  // computed only when the policy's kLabelGroups is true
+  double margin;              // the op's margin; kernels take static_cast<acc_t>(margin)
+  cudaStream_t stream;
+};
+
+// Generic CUDA driver of the fused loss ops. A loss is a policy class with
+//   static constexpr bool kLabelGroups;                  // its kernels read LossChunk::groups
+//   static constexpr const char* kForwardName, *kBackwardName;  // dispatch names
+//   template <typename acc_t> static constexpr int64_t bytes_per_elem();  // chunk workspace
+//   template <typename acc_t> static void forward(const LossChunk&, const RowResults&);
+//       // writes rows.loss / valid / positive [i0, i0 + r)
+//   template <typename acc_t> static at::Tensor weights(const LossChunk&);
+//       // (r, N) acc_t: d(row i0 + row's loss share) / d d(x_{i0 + row}, x_j)
+// The driver checks the arguments, sets the device, runs the rows over distance chunks on
+// the current stream, reduces the rows in a fixed order, and for the backward turns the
+// weights into the embedding gradient (pair_grad.cuh), scaled by grad_loss_sum.
+
+// embeddings: (N, D), labels: (N,) any integer dtype, margin, metric
+//   -> (loss_sum 0-d acc dtype, num_valid 0-d int64, num_positive 0-d int64).
+template <typename Policy>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tensor& embeddings,
+                                                                 const at::Tensor& labels,
+                                                                 double margin, int64_t metric) {
+  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  const at::Tensor x = embeddings.contiguous();
+  const int64_t N = x.size(0);
+  if (N == 0) return empty_loss(x);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups = Policy::kLabelGroups ? label_groups(lab, stream) : LabelGroups{};
+  const RowResults rows = make_row_results(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  Policy::kForwardName, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
+    const int64_t R = chunk_rows(N, Policy::template bytes_per_elem<acc_t>());
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      for_each_distance_chunk<scalar_t, acc_t, kM>(
+          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
+            Policy::template forward<acc_t>(LossChunk{Dc, i0, r, N, lab, groups, margin, stream},
+                                            rows);
+          });
+    });
+  });
+  return finalize_loss(rows, x, stream);
+}
+
+// grad_loss_sum: 0-d; embeddings (N, D), labels (N,), margin, metric (the forward's inputs)
+//   -> grad (N, D) in the dtype of embeddings = grad_loss_sum * d loss_sum / d embeddings.
+template <typename Policy>
+at::Tensor loss_backward_cuda(const at::Tensor& grad_loss_sum, const at::Tensor& embeddings,
+                              const at::Tensor& labels, double margin, int64_t metric) {
+  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  const at::Tensor x = embeddings.contiguous();
+  const at::Tensor gls = check_grad_loss_sum(grad_loss_sum, x);
+  const int64_t N = x.size(0), D = x.size(1);
+  if (N == 0 || D == 0) return at::zeros({N, D}, x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups = Policy::kLabelGroups ? label_groups(lab, stream) : LabelGroups{};
+  at::Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  Policy::kBackwardName, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
+    const int64_t R = chunk_rows(N, Policy::template bytes_per_elem<acc_t>());
+    at::Tensor G = at::zeros({N, D}, acc_options);
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      for_each_distance_chunk<scalar_t, acc_t, kM>(
+          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
+            const at::Tensor Wc = Policy::template weights<acc_t>(
+                LossChunk{Dc, i0, r, N, lab, groups, margin, stream});
+            add_chunk_grad<scalar_t, acc_t, kM>(Wc, Dc, x, st, i0, r, G, stream);
+          });
+    });
+    result = finish_grad<scalar_t, acc_t>(G, gls, x, stream);
+  });
+  return result;
 }
 
 }  // namespace cuda

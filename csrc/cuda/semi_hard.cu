@@ -173,89 +173,53 @@ __global__ void semi_hard_counts_kernel(const int64_t* __restrict__ labels,
   }
 }
 
-// embeddings: (N, D), labels: (N,) any integer dtype, margin, metric
-//   -> (loss_sum 0-d acc dtype, num_valid 0-d int64 = #(a, p) pairs of anchors with a
-//      negative, num_positive 0-d int64 = #pairs with a positive term).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_loss_cuda(const at::Tensor& embeddings,
-                                                                   const at::Tensor& labels,
-                                                                   double margin,
-                                                                   int64_t metric) {
-  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
-  const c10::cuda::CUDAGuard guard(embeddings.device());
-  const at::Tensor x = embeddings.contiguous();
-  const int64_t N = x.size(0);
-  if (N == 0) return empty_loss(x);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const LabelGroups groups = label_groups(lab, stream);
-  const RowResults rows = make_row_results(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "semi_hard_loss_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
-    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
-    const int64_t R = chunk_rows(N, semi_hard_bytes_per_elem<acc_t>());
-    const acc_t m = static_cast<acc_t>(margin);
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      for_each_distance_chunk<scalar_t, acc_t, kM>(
-          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
-            const auto [sn, in] = sorted_negatives<acc_t>(Dc, lab, i0, r, stream);
-            semi_hard_rows_kernel<acc_t, SemiMode::kForward>
-                <<<grid_1d(r), kRowThreads, 0, stream>>>(
-                    Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), in.data_ptr<int64_t>(),
-                    lab.data_ptr<int64_t>(), groups.sorted.data_ptr<int64_t>(),
-                    groups.rank.data_ptr<int64_t>(), N, i0, m, rows.loss.data_ptr<double>(),
-                    rows.valid.data_ptr<int64_t>(), rows.positive.data_ptr<int64_t>(), nullptr,
-                    nullptr, nullptr, nullptr, nullptr);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-    });
-  });
-  return finalize_loss(rows, x, stream);
-}
+// The semi-hard loss for loss_forward_cuda / loss_backward_cuda (loss_common.cuh):
+// num_valid = #(a, p) pairs of anchors with a negative, num_positive = #pairs with a
+// positive term.
+struct SemiHardLoss {
+  static constexpr bool kLabelGroups = true;
+  static constexpr const char* kForwardName = "semi_hard_loss_cuda";
+  static constexpr const char* kBackwardName = "semi_hard_loss_backward_cuda";
 
-// grad_loss_sum: 0-d; embeddings (N, D), labels (N,), margin, metric (the forward's inputs)
-//   -> grad (N, D) in the dtype of embeddings = grad_loss_sum * d loss_sum / d embeddings.
-at::Tensor semi_hard_loss_backward_cuda(const at::Tensor& grad_loss_sum,
-                                        const at::Tensor& embeddings, const at::Tensor& labels,
-                                        double margin, int64_t metric) {
-  const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
-  const c10::cuda::CUDAGuard guard(embeddings.device());
-  const at::Tensor x = embeddings.contiguous();
-  const at::Tensor gls = check_grad_loss_sum(grad_loss_sum, x);
-  const int64_t N = x.size(0), D = x.size(1);
-  if (N == 0 || D == 0) return at::zeros({N, D}, x.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const LabelGroups groups = label_groups(lab, stream);
-  at::Tensor result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "semi_hard_loss_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
-    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
-    const int64_t R = chunk_rows(N, semi_hard_bytes_per_elem<acc_t>());
-    const acc_t m = static_cast<acc_t>(margin);
-    at::Tensor G = at::zeros({N, D}, x.options().dtype(acc_type));
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      for_each_distance_chunk<scalar_t, acc_t, kM>(
-          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
-            const auto [sn, in] = sorted_negatives<acc_t>(Dc, lab, i0, r, stream);
-            at::Tensor Wi = at::zeros({r, N}, x.options().dtype(at::kInt));
-            semi_hard_rows_kernel<acc_t, SemiMode::kBackward>
-                <<<grid_1d(r), kRowThreads, 0, stream>>>(
-                    Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), in.data_ptr<int64_t>(),
-                    lab.data_ptr<int64_t>(), groups.sorted.data_ptr<int64_t>(),
-                    groups.rank.data_ptr<int64_t>(), N, i0, m, nullptr, nullptr, nullptr,
-                    Wi.data_ptr<int32_t>(), nullptr, nullptr, nullptr, nullptr);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            const at::Tensor Wc = Wi.to(acc_type).contiguous();
-            add_chunk_grad<scalar_t, acc_t, kM>(Wc, Dc, x, st, i0, r, G, stream);
-          });
-    });
-    result = finish_grad<scalar_t, acc_t>(G, gls, x, stream);
-  });
-  return result;
-}
+  template <typename acc_t>
+  static constexpr int64_t bytes_per_elem() {
+    return semi_hard_bytes_per_elem<acc_t>();
+  }
+
+  template <typename acc_t>
+  static void forward(const LossChunk& c, const RowResults& rows) {
+    const acc_t m = static_cast<acc_t>(c.margin);
+    const std::tuple<at::Tensor, at::Tensor> neg =
+        sorted_negatives<acc_t>(c.Dc, c.labels, c.i0, c.r, c.stream);
+    const at::Tensor& sn = std::get<0>(neg);
+    const at::Tensor& in = std::get<1>(neg);
+    semi_hard_rows_kernel<acc_t, SemiMode::kForward><<<grid_1d(c.r), kRowThreads, 0, c.stream>>>(
+        c.Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), in.data_ptr<int64_t>(),
+        c.labels.data_ptr<int64_t>(), c.groups.sorted.data_ptr<int64_t>(),
+        c.groups.rank.data_ptr<int64_t>(), c.N, c.i0, m, rows.loss.data_ptr<double>(),
+        rows.valid.data_ptr<int64_t>(), rows.positive.data_ptr<int64_t>(), nullptr, nullptr,
+        nullptr, nullptr, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename acc_t>
+  static at::Tensor weights(const LossChunk& c) {
+    const acc_t m = static_cast<acc_t>(c.margin);
+    const std::tuple<at::Tensor, at::Tensor> neg =
+        sorted_negatives<acc_t>(c.Dc, c.labels, c.i0, c.r, c.stream);
+    const at::Tensor& sn = std::get<0>(neg);
+    const at::Tensor& in = std::get<1>(neg);
+    at::Tensor Wi = at::zeros({c.r, c.N}, c.Dc.options().dtype(at::kInt));
+    semi_hard_rows_kernel<acc_t, SemiMode::kBackward>
+        <<<grid_1d(c.r), kRowThreads, 0, c.stream>>>(
+            c.Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), in.data_ptr<int64_t>(),
+            c.labels.data_ptr<int64_t>(), c.groups.sorted.data_ptr<int64_t>(),
+            c.groups.rank.data_ptr<int64_t>(), c.N, c.i0, m, nullptr, nullptr, nullptr,
+            Wi.data_ptr<int32_t>(), nullptr, nullptr, nullptr, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return Wi.to(c.Dc.scalar_type()).contiguous();
+  }
+};
 
 }  // namespace
 
@@ -307,8 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_triplets_impl(const at:
 }
 
 TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
-  m.impl("semi_hard_loss", &semi_hard_loss_cuda);
-  m.impl("semi_hard_loss_backward", &semi_hard_loss_backward_cuda);
+  m.impl("semi_hard_loss", &loss_forward_cuda<SemiHardLoss>);
+  m.impl("semi_hard_loss_backward", &loss_backward_cuda<SemiHardLoss>);
 }
 
 }  // namespace cuda
