@@ -132,19 +132,9 @@ at::Tensor batch_hard_mine_backward_cpu(const at::Tensor& grad_pos_dist,
                                         const at::Tensor& embeddings, const at::Tensor& pos_dist,
                                         const at::Tensor& pos_idx, const at::Tensor& neg_dist,
                                         const at::Tensor& neg_idx, int64_t metric) {
-  TC_CHECK_EMBEDDINGS(embeddings, "embeddings");
-  TC_CHECK_DEVICE_TYPE(embeddings, "embeddings", c10::kCPU);
-  TC_CHECK_METRIC(metric);
+  check_hard_backward_args(grad_pos_dist, grad_neg_dist, embeddings, pos_dist, pos_idx, neg_dist,
+                           neg_idx, metric, c10::kCPU);
   const int64_t N = embeddings.size(0);
-  TC_CHECK_SHAPE(grad_pos_dist, "grad_pos_dist", N);
-  TC_CHECK_SHAPE(grad_neg_dist, "grad_neg_dist", N);
-  TC_CHECK_SHAPE(pos_dist, "pos_dist", N);
-  TC_CHECK_SHAPE(neg_dist, "neg_dist", N);
-  TC_CHECK_SHAPE(pos_idx, "pos_idx", N);
-  TC_CHECK_SHAPE(neg_idx, "neg_idx", N);
-  TORCH_CHECK(pos_idx.scalar_type() == at::kLong && neg_idx.scalar_type() == at::kLong,
-              "triplet_cuda: pos_idx and neg_idx must be int64, got ", pos_idx.scalar_type(),
-              " and ", neg_idx.scalar_type());
   const Metric m = static_cast<Metric>(metric);
   const Prepared p = prepare(embeddings, m);
   at::Tensor grad = at::zeros_like(p.e);

@@ -3,7 +3,7 @@
 
 #include <ATen/ATen.h>
 
-#include "../common.h"
+#include "../checks.h"
 
 namespace triplet_cuda {
 namespace cpu {
@@ -12,11 +12,7 @@ namespace cpu {
 // contiguous int64.
 inline at::Tensor check_batch(const at::Tensor& embeddings, const at::Tensor& labels,
                               int64_t metric) {
-  TC_CHECK_EMBEDDINGS(embeddings, "embeddings");
-  TC_CHECK_DEVICE_TYPE(embeddings, "embeddings", c10::kCPU);
-  TC_CHECK_LABELS(labels, embeddings);
-  TC_CHECK_METRIC(metric);
-  return labels.to(at::kLong).contiguous();
+  return check_batch_args(embeddings, labels, metric, c10::kCPU);
 }
 
 // A 0-d tensor of the accumulation dtype of `like` holding v.

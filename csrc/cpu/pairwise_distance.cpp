@@ -1,6 +1,7 @@
 // pairwise_distance on CPU: one GEMM plus a fused distance epilogue; backward as two GEMMs.
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "distance.h"
 
 namespace triplet_cuda {
@@ -8,15 +9,7 @@ namespace cpu {
 namespace {
 
 void check_pair(const at::Tensor& x, const at::Tensor& y, int64_t metric) {
-  TC_CHECK_EMBEDDINGS(x, "x");
-  TC_CHECK_EMBEDDINGS(y, "y");
-  TC_CHECK_DEVICE_TYPE(x, "x", c10::kCPU);
-  TC_CHECK_SAME_DEVICE(x, y, "x", "y");
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "triplet_cuda: y must have the dtype of x (",
-              x.scalar_type(), "), got ", y.scalar_type());
-  TORCH_CHECK(y.size(1) == x.size(1), "triplet_cuda: y must have the feature size of x (",
-              x.size(1), "), got ", y.size(1));
-  TC_CHECK_METRIC(metric);
+  check_pair_args(x, y, metric, c10::kCPU);
 }
 
 // x: (N, D), y: (M, D) -> (N, M) distances in x's dtype.

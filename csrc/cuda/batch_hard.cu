@@ -348,25 +348,9 @@ at::Tensor batch_hard_mine_backward_cuda(const at::Tensor& grad_pos_dist,
                                          const at::Tensor& pos_dist, const at::Tensor& pos_idx,
                                          const at::Tensor& neg_dist, const at::Tensor& neg_idx,
                                          int64_t metric) {
-  TC_CHECK_EMBEDDINGS(embeddings, "embeddings");
-  TC_CHECK_DEVICE_TYPE(embeddings, "embeddings", c10::kCUDA);
-  TC_CHECK_METRIC(metric);
+  check_hard_backward_args(grad_pos_dist, grad_neg_dist, embeddings, pos_dist, pos_idx, neg_dist,
+                           neg_idx, metric, c10::kCUDA);
   const int64_t N = embeddings.size(0), D = embeddings.size(1);
-  TC_CHECK_SHAPE(grad_pos_dist, "grad_pos_dist", N);
-  TC_CHECK_SHAPE(grad_neg_dist, "grad_neg_dist", N);
-  TC_CHECK_SHAPE(pos_dist, "pos_dist", N);
-  TC_CHECK_SHAPE(neg_dist, "neg_dist", N);
-  TC_CHECK_SHAPE(pos_idx, "pos_idx", N);
-  TC_CHECK_SHAPE(neg_idx, "neg_idx", N);
-  TORCH_CHECK(pos_idx.scalar_type() == at::kLong && neg_idx.scalar_type() == at::kLong,
-              "triplet_cuda: pos_idx and neg_idx must be int64, got ", pos_idx.scalar_type(),
-              " and ", neg_idx.scalar_type());
-  TC_CHECK_SAME_DEVICE(embeddings, grad_pos_dist, "embeddings", "grad_pos_dist");
-  TC_CHECK_SAME_DEVICE(embeddings, grad_neg_dist, "embeddings", "grad_neg_dist");
-  TC_CHECK_SAME_DEVICE(embeddings, pos_dist, "embeddings", "pos_dist");
-  TC_CHECK_SAME_DEVICE(embeddings, neg_dist, "embeddings", "neg_dist");
-  TC_CHECK_SAME_DEVICE(embeddings, pos_idx, "embeddings", "pos_idx");
-  TC_CHECK_SAME_DEVICE(embeddings, neg_idx, "embeddings", "neg_idx");
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const at::Tensor x = embeddings.contiguous();
   at::Tensor grad = at::empty({N, D}, x.options());

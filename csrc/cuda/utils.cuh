@@ -28,6 +28,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../checks.h"
 #include "../common.h"
 
 namespace triplet_cuda {
@@ -73,11 +74,7 @@ inline dim3 elementwise_grid(int64_t n) {
 // labels as contiguous int64.
 inline at::Tensor check_batch_cuda(const at::Tensor& embeddings, const at::Tensor& labels,
                                    int64_t metric) {
-  TC_CHECK_EMBEDDINGS(embeddings, "embeddings");
-  TC_CHECK_DEVICE_TYPE(embeddings, "embeddings", c10::kCUDA);
-  TC_CHECK_LABELS(labels, embeddings);
-  TC_CHECK_METRIC(metric);
-  return labels.to(at::kLong).contiguous();
+  return check_batch_args(embeddings, labels, metric, c10::kCUDA);
 }
 
 // ------------------------------------------------------------------------ device helpers

@@ -1,0 +1,62 @@
+// Argument checks shared by the CPU and CUDA entry points. `device_type` is the device the
+// calling kernel serves; every message names the argument, what was expected and what came.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <utility>
+
+#include "common.h"
+
+namespace triplet_cuda {
+
+// (embeddings (N, D), labels (N,), metric) of a batch op; returns labels as contiguous int64.
+inline at::Tensor check_batch_args(const at::Tensor& embeddings, const at::Tensor& labels,
+                                   int64_t metric, c10::DeviceType device_type) {
+  TC_CHECK_EMBEDDINGS(embeddings, "embeddings");
+  TC_CHECK_DEVICE_TYPE(embeddings, "embeddings", device_type);
+  TC_CHECK_LABELS(labels, embeddings);
+  TC_CHECK_METRIC(metric);
+  return labels.to(at::kLong).contiguous();
+}
+
+// (x (N, D), y (M, D), metric) of pairwise_distance and its backward.
+inline void check_pair_args(const at::Tensor& x, const at::Tensor& y, int64_t metric,
+                            c10::DeviceType device_type) {
+  TC_CHECK_EMBEDDINGS(x, "x");
+  TC_CHECK_EMBEDDINGS(y, "y");
+  TC_CHECK_DEVICE_TYPE(x, "x", device_type);
+  TC_CHECK_SAME_DEVICE(x, y, "x", "y");
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "triplet_cuda: y must have the dtype of x (",
+              x.scalar_type(), "), got ", y.scalar_type());
+  TORCH_CHECK(y.size(1) == x.size(1), "triplet_cuda: y must have the feature size of x (",
+              x.size(1), "), got ", y.size(1));
+  TC_CHECK_METRIC(metric);
+}
+
+// The inputs of batch_hard_mine_backward: embeddings (N, D) and six (N,) tensors, the index
+// ones int64, all on the device of embeddings.
+inline void check_hard_backward_args(const at::Tensor& grad_pos_dist,
+                                     const at::Tensor& grad_neg_dist,
+                                     const at::Tensor& embeddings, const at::Tensor& pos_dist,
+                                     const at::Tensor& pos_idx, const at::Tensor& neg_dist,
+                                     const at::Tensor& neg_idx, int64_t metric,
+                                     c10::DeviceType device_type) {
+  TC_CHECK_EMBEDDINGS(embeddings, "embeddings");
+  TC_CHECK_DEVICE_TYPE(embeddings, "embeddings", device_type);
+  TC_CHECK_METRIC(metric);
+  const int64_t N = embeddings.size(0);
+  const std::pair<const at::Tensor*, const char*> per_anchor[] = {
+      {&grad_pos_dist, "grad_pos_dist"}, {&grad_neg_dist, "grad_neg_dist"},
+      {&pos_dist, "pos_dist"},           {&neg_dist, "neg_dist"},
+      {&pos_idx, "pos_idx"},             {&neg_idx, "neg_idx"}};
+  for (const auto& [t, name] : per_anchor) {
+    TC_CHECK_SHAPE(*t, name, N);
+    TC_CHECK_SAME_DEVICE(embeddings, *t, "embeddings", name);
+  }
+  TORCH_CHECK(pos_idx.scalar_type() == at::kLong && neg_idx.scalar_type() == at::kLong,
+              "triplet_cuda: pos_idx and neg_idx must be int64, got ", pos_idx.scalar_type(),
+              " and ", neg_idx.scalar_type());
+}
+
+}  // namespace triplet_cuda
