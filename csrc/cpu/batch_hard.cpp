@@ -14,29 +14,74 @@ namespace cpu {
 
 namespace {
 
+// Upper-triangle pass: row block [r0, r0 + b) against the candidates [r0, N) only. The rows
+// of the block take every candidate of that range (the block's own square included); the
+// candidates beyond the block, c >= r0 + b, take the block's rows as their candidates. So
+// each pair (i, j) is computed once, and every anchor still sees every candidate. The
+// arg-best comparators are a total order on (distance, index) (csrc/epilogue.h), so the
+// visiting order does not change the result: deterministic, same as a row-by-row scan.
 template <typename T, Metric M>
 void mine_rows(const Prepared& p, const int64_t* lab, T* pd, int64_t* pi, T* nd, int64_t* ni) {
   const int64_t N = p.rows(), D = p.e.size(1);
   const T* e = p.e.data_ptr<T>();
-  const T* aux = p.aux.data_ptr<T>();
-  for_each_distance_row<T, M>(p, p, [&](int64_t a, const T* d) {
-    const int64_t la = lab[a];
-    // Strict comparisons while scanning j upwards: ties keep the lowest index.
-    T best_pos = -std::numeric_limits<T>::infinity();
-    T best_neg = std::numeric_limits<T>::infinity();
-    int64_t ip = -1, in = -1;
-    for (int64_t j = 0; j < N; ++j) {
-      if (lab[j] == la) {
-        if (j != a && (ip < 0 || d[j] > best_pos)) best_pos = d[j], ip = j;
-      } else if (in < 0 || d[j] < best_neg) {
-        best_neg = d[j], in = j;
+  const T* inv = p.inv.data_ptr<T>();
+  std::vector<epi::ArgFarthest<T>> pos(N);
+  std::vector<epi::ArgNearest<T>> neg(N);
+  // Rows per block: the (b, N - r0) distance block stays near 8 MiB.
+  const int64_t B = block_rows(N, N, sizeof(T));
+  constexpr int64_t kColChunk = 64;
+  for (int64_t r0 = 0; r0 < N; r0 += B) {
+    const int64_t b = std::min(B, N - r0), C = N - r0;
+    const at::Tensor dist = distance_block(p, r0, b, p, r0, C, M);
+    const T* dp = dist.data_ptr<T>();
+    // Rows of the block: candidates [r0, N).
+    at::parallel_for(0, b, row_grain(C), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t a = r0 + i;
+        const int64_t la = lab[a];
+        const T* d = dp + i * C;
+        epi::ArgFarthest<T> bp = pos[a];
+        epi::ArgNearest<T> bn = neg[a];
+        for (int64_t j = 0; j < C; ++j) {
+          const int64_t c = r0 + j;
+          const bool same = lab[c] == la;
+          bp.update(d[j], same && c != a ? c : -1);
+          bn.update(d[j], same ? -1 : c);
+        }
+        pos[a] = bp;
+        neg[a] = bn;
       }
+    });
+    // Candidates beyond the block: the block's rows, column chunk by column chunk.
+    const int64_t first = b;  // column offset of r0 + b
+    const int64_t chunks = (C - first + kColChunk - 1) / kColChunk;
+    at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(b * kColChunk)), [&](int64_t lo, int64_t hi) {
+      for (int64_t q = lo; q < hi; ++q) {
+        const int64_t j0 = first + q * kColChunk, j1 = std::min(C, j0 + kColChunk);
+        for (int64_t i = 0; i < b; ++i) {
+          const int64_t a = r0 + i;
+          const int64_t la = lab[a];
+          const T* d = dp + i * C;
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t c = r0 + j;
+            const bool same = lab[c] == la;
+            pos[c].update(d[j], same ? a : -1);
+            neg[c].update(d[j], same ? -1 : a);
+          }
+        }
+      }
+    });
+  }
+  // The mined distances are recomputed exactly from the rows (no Gram cancellation).
+  at::parallel_for(0, N, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t a = lo; a < hi; ++a) {
+      const int64_t ip = pos[a].i, in = neg[a].i;
+      if (ip < 0 || in < 0) continue;  // invalid anchor: outputs keep -1 / 0
+      pi[a] = ip;
+      ni[a] = in;
+      pd[a] = pair_distance<M>(e + a * D, e + ip * D, D, inv[a], inv[ip]);
+      nd[a] = pair_distance<M>(e + a * D, e + in * D, D, inv[a], inv[in]);
     }
-    if (ip < 0 || in < 0) return;  // invalid anchor: outputs keep -1 / 0
-    pi[a] = ip;
-    ni[a] = in;
-    pd[a] = pair_distance<M>(e + a * D, e + ip * D, D, aux[a], aux[ip]);
-    nd[a] = pair_distance<M>(e + a * D, e + in * D, D, aux[a], aux[in]);
   });
 }
 
@@ -78,7 +123,7 @@ void hard_backward(const Prepared& p, const T* g[2], const T* dist[2], const int
   const int64_t N = p.rows(), D = p.e.size(1);
   const T* e = p.e.data_ptr<T>();
   const T* sq = p.sqnorm.data_ptr<T>();
-  const T* aux = p.aux.data_ptr<T>();
+  const T* inv = p.inv.data_ptr<T>();
   // Pair k = 2 * a + s (s = 0 positive, 1 negative). Coefficients first, in parallel.
   std::vector<PairGrad<T>> coef(2 * N);
   at::parallel_for(0, N, 256, [&](int64_t lo, int64_t hi) {
@@ -86,7 +131,7 @@ void hard_backward(const Prepared& p, const T* g[2], const T* dist[2], const int
       for (int s = 0; s < 2; ++s) {
         const int64_t b = idx[s][a];
         coef[2 * a + s] = b < 0 ? PairGrad<T>{0, 0, 0}
-                                : pair_grad<M>(g[s][a], dist[s][a], sq[a], sq[b], aux[a], aux[b]);
+                                : pair_grad<M>(g[s][a], dist[s][a], sq[a], sq[b], inv[a], inv[b]);
       }
     }
   });

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "../common.h"
+#include "../epilogue.h"
 
 namespace triplet_cuda {
 namespace cpu {
@@ -20,7 +21,7 @@ namespace cpu {
 struct Prepared {
   at::Tensor e;       // (N, D) accumulation dtype, contiguous
   at::Tensor sqnorm;  // (N) ||e_i||^2
-  at::Tensor aux;     // (N) euclidean metrics: ||e_i||^2; cosine: 1 / max(||e_i||, eps)
+  at::Tensor inv;     // (N) 1 / max(||e_i||, eps) (used by the cosine metric)
   at::Tensor scale;   // (N) gradient self-term scale: 1, or for cosine 1/||e_i||^2 (0 below eps)
   int64_t rows() const { return e.size(0); }
 };
@@ -33,15 +34,29 @@ at::ScalarType acc_type(at::ScalarType t);
 // Rows per block so that one (rows, cols) block of the accumulation dtype stays near 8 MiB.
 int64_t block_rows(int64_t rows, int64_t cols, int64_t elem_size);
 
-// Distances between rows [r0, r0 + B) of x and every row of y: (B, M), accumulation dtype.
-at::Tensor distance_block(const Prepared& x, int64_t r0, int64_t B, const Prepared& y, Metric metric);
+// Distances between rows [r0, r0 + B) of x and rows [c0, c0 + C) of y: (B, C), accumulation
+// dtype. The mainloop is one GEMM; the epilogue is epi::distance (csrc/epilogue.h).
+at::Tensor distance_block(const Prepared& x, int64_t r0, int64_t B, const Prepared& y, int64_t c0,
+                          int64_t C, Metric metric);
 
-// Adds the gradient of sum_ij W_ij d(x_{r0+i}, y_j) to grad_x rows [r0, r0+B) and to grad_y.
-// W, dist: (B, M) accumulation dtype (both are overwritten); grad_x: (N, D), grad_y: (M, D),
-// accumulation dtype (they may be the same tensor when x is y).
+// Distances between rows [r0, r0 + B) of x and every row of y: (B, M).
+inline at::Tensor distance_block(const Prepared& x, int64_t r0, int64_t B, const Prepared& y,
+                                 Metric metric) {
+  return distance_block(x, r0, B, y, 0, y.rows(), metric);
+}
+
+// Adds the gradient of sum_ij W_ij d(x_{r0+i}, y_{c0+j}) to grad_x rows [r0, r0+B) and to
+// grad_y rows [c0, c0+C). W, dist: (B, C) accumulation dtype (both are overwritten); grad_x:
+// (N, D), grad_y: (M, D), accumulation dtype (they may be the same tensor when x is y).
 void accumulate_distance_grad(at::Tensor& W, at::Tensor& dist, const Prepared& x, int64_t r0,
-                              const Prepared& y, Metric metric, at::Tensor& grad_x,
+                              const Prepared& y, int64_t c0, Metric metric, at::Tensor& grad_x,
                               at::Tensor& grad_y);
+
+inline void accumulate_distance_grad(at::Tensor& W, at::Tensor& dist, const Prepared& x,
+                                     int64_t r0, const Prepared& y, Metric metric,
+                                     at::Tensor& grad_x, at::Tensor& grad_y) {
+  accumulate_distance_grad(W, dist, x, r0, y, 0, metric, grad_x, grad_y);
+}
 
 // Rows per parallel_for task when each row costs `cols` element operations: small batches
 // stay on one thread instead of paying a thread wake-up per row.
@@ -49,71 +64,40 @@ inline int64_t row_grain(int64_t cols) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(cols, 1));
 }
 
-// Exact distance of one pair from its rows (explicit differences, no Gram cancellation).
+// Explicit sum over k of (a_k - b_k)^2 (Euclidean metrics) or a_k b_k (cosine).
 template <Metric M, typename T>
-inline T pair_distance(const T* a, const T* b, int64_t D, T aux_a, T aux_b) {
+inline T explicit_sum(const T* a, const T* b, int64_t D) {
   T acc = 0;
-  if constexpr (M == Metric::kCosine) {
-    for (int64_t k = 0; k < D; ++k) acc += a[k] * b[k];
-    return T(1) - acc * aux_a * aux_b;
-  } else {
-    for (int64_t k = 0; k < D; ++k) {
+  for (int64_t k = 0; k < D; ++k) {
+    if constexpr (M == Metric::kCosine) {
+      acc += a[k] * b[k];
+    } else {
       const T diff = a[k] - b[k];
       acc += diff * diff;
     }
-    if constexpr (M == Metric::kEuclidean) {
-      return std::sqrt(acc);
-    } else {
-      return acc;
-    }
   }
+  return acc;
 }
 
-// Distance of rows a and b (D features) from their dot product and aux values (see
-// Prepared::aux), recomputed exactly when the Gram expansion is within noise of 0
-// (see gram_near_zero in common.h).
+// Exact distance of one pair from its rows (explicit differences, no Gram cancellation).
 template <Metric M, typename T>
-inline T distance_from_dot(T dot, const T* a, const T* b, int64_t D, T aux_a, T aux_b) {
-  if constexpr (M == Metric::kCosine) {
-    return T(1) - dot * aux_a * aux_b;
-  } else {
-    const T scale = aux_a + aux_b;
-    const T sq = scale - T(2) * dot;
-    if (sq <= gram_near_zero<T>() * scale) return pair_distance<M>(a, b, D, aux_a, aux_b);
-    if constexpr (M == Metric::kEuclidean) {
-      return std::sqrt(sq);
-    } else {
-      return sq;
-    }
-  }
+inline T pair_distance(const T* a, const T* b, int64_t D, T inv_a, T inv_b) {
+  return epi::exact_distance<M>(explicit_sum<M>(a, b, D), inv_a, inv_b);
 }
 
-// Gradient of g * d(a, b) in linear form: d/da = ca * a + cab * b, d/db = cab * a + cb * b.
-// d is the pair's distance; sq_* the squared norms; aux_* as Prepared::aux.
-template <typename T>
-struct PairGrad {
-  T ca, cab, cb;
-};
-
+// Distance of rows a and b (D features) from their dot product (epi::distance: the Gram
+// form, near-zero pairs recomputed from the rows, the NaN rule).
 template <Metric M, typename T>
-inline PairGrad<T> pair_grad(T g, T d, T sq_a, T sq_b, T aux_a, T aux_b) {
-  if constexpr (M == Metric::kCosine) {
-    // d = 1 - c, c = <a,b> inv_a inv_b;  dd/da = -inv_a inv_b b + c a / ||a||^2 (||a|| > eps)
-    const T c = T(1) - d;
-    const T eps2 = static_cast<T>(kCosineEps * kCosineEps);
-    const T ma = sq_a > eps2 ? T(1) / sq_a : T(0);
-    const T mb = sq_b > eps2 ? T(1) / sq_b : T(0);
-    return {g * c * ma, -g * aux_a * aux_b, g * c * mb};
-  } else {
-    T s;
-    if constexpr (M == Metric::kEuclidean) {
-      s = d > T(0) ? g / d : T(0);  // the gradient of ||a - b|| at a == b is 0
-    } else {
-      s = T(2) * g;
-    }
-    return {s, -s, s};
-  }
+inline T distance_from_dot(T dot, const T* a, const T* b, int64_t D, T sq_a, T inv_a, T sq_b,
+                           T inv_b) {
+  return epi::distance<M>(dot, sq_a, inv_a, sq_b, inv_b, [&] {
+    const T s = explicit_sum<M>(a, b, D);
+    return epi::is_finite(s) ? s : epi::quiet_nan<T>();
+  });
 }
+
+using epi::pair_grad;
+using epi::PairGrad;
 
 // Calls row_fn(i, dist_row) for every row i of x, dist_row pointing at the M distances
 // d(x_i, y_j), j = 0..M-1, computed block by block (never N x M at once). Rows run in

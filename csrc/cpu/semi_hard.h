@@ -29,51 +29,50 @@ struct SemiHardRows {
   // Calls fn(p, chosen negative (distance, index), term) for every positive p of anchor a, in
   // ascending p. The chosen negative is the nearest one with d_an > d_ap, else the farthest
   // one; ties go to the lowest index.
+  // Calls fn(p, chosen negative (distance, index), term) for every positive p of anchor a, in
+  // ascending p. The chosen negative is the nearest one with d_an > d_ap, else the farthest
+  // one; ties go to the lowest index, a NaN distance ranks farthest (csrc/epilogue.h).
+  // Returns whether the row holds a NaN distance.
   template <typename Fn>
-  void for_each_pair(int64_t a, const T* d, Fn&& fn) const {
+  bool for_each_pair(int64_t a, const T* d, Fn&& fn) const {
     std::vector<int64_t> pos;
     int64_t negatives = 0;
+    bool nan = false;
     for (int64_t j = 0; j < N; ++j) {
+      nan |= epi::is_nan(d[j]);
       if (lab[j] != lab[a]) {
         ++negatives;
       } else if (j != a) {
         pos.push_back(j);
       }
     }
-    if (pos.empty() || negatives == 0) return;
-    if (pos.size() <= kScanMaxPositives) {
+    if (pos.empty() || negatives == 0) return nan;
+    if (nan || pos.size() <= kScanMaxPositives) {  // sorting needs a NaN-free row
       scan_select(a, d, pos, fn);
     } else {
       sort_select(a, d, pos, fn);
     }
+    return nan;
   }
 
   template <typename Fn>
   void scan_select(int64_t a, const T* d, const std::vector<int64_t>& pos, Fn& fn) const {
     const size_t P = pos.size();
-    constexpr T inf = std::numeric_limits<T>::infinity();
-    std::vector<T> d_ap(P), outside_d(P, inf);
-    std::vector<int64_t> outside_i(P, -1);
+    std::vector<T> d_ap(P);
+    std::vector<epi::SemiHardChoice<T>> choice(P);
     for (size_t k = 0; k < P; ++k) d_ap[k] = d[pos[k]];
-    T farthest_d = -inf;
-    int64_t farthest_i = -1;
-    // Ascending j with strict comparisons: ties keep the lowest index. The updates are
-    // selects, not branches: d_an against d_ap is a coin flip the predictor cannot learn.
+    epi::ArgFarthest<T> farthest;
+    // Ascending j; the updates are selects, not branches: d_an against d_ap is a coin flip
+    // the predictor cannot learn.
     for (int64_t j = 0; j < N; ++j) {
       if (lab[j] == lab[a]) continue;
       const T dj = d[j];
-      const bool farther = (farthest_i < 0) | (dj > farthest_d);
-      farthest_d = farther ? dj : farthest_d;
-      farthest_i = farther ? j : farthest_i;
-      for (size_t k = 0; k < P; ++k) {
-        const bool nearer = (dj > d_ap[k]) & ((outside_i[k] < 0) | (dj < outside_d[k]));
-        outside_d[k] = nearer ? dj : outside_d[k];
-        outside_i[k] = nearer ? j : outside_i[k];
-      }
+      farthest.update(dj, j);
+      for (size_t k = 0; k < P; ++k) choice[k].update(d_ap[k], dj, j);
     }
     for (size_t k = 0; k < P; ++k) {
-      const Neg n = outside_i[k] >= 0 ? Neg(outside_d[k], outside_i[k])
-                                      : Neg(farthest_d, farthest_i);
+      Neg n;
+      epi::semi_hard_pick(choice[k], farthest, &n.first, &n.second);
       fn(pos[k], n, d_ap[k] - n.first + margin);
     }
   }
@@ -99,24 +98,30 @@ struct SemiHardRows {
 
   RowTotals forward(int64_t a, const T* d) const {
     RowTotals t;
-    for_each_pair(a, d, [&](int64_t, const Neg&, T term) {
+    const bool nan = for_each_pair(a, d, [&](int64_t, const Neg&, T term) {
       ++t.valid;
       if (term > T(0)) {
         t.sum += term;
         ++t.positive;
       }
     });
+    if (nan && t.valid > 0) t.sum = epi::quiet_nan<double>();  // the NaN rule
     return t;
   }
 
   void weights(int64_t a, const T* d, T g, T* w) const {
     std::fill(w, w + N, T(0));
-    for_each_pair(a, d, [&](int64_t p, const Neg& n, T term) {
+    bool any = false;
+    const bool nan = for_each_pair(a, d, [&](int64_t p, const Neg& n, T term) {
+      any = true;
       if (term > T(0)) {
         w[p] += g;
         w[n.second] -= g;
       }
     });
+    if (nan && any) {  // every candidate of the anchor gets a NaN weight
+      for (int64_t j = 0; j < N; ++j) w[j] = j == a ? T(0) : epi::quiet_nan<T>();
+    }
   }
 };
 
