@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -129,11 +130,312 @@ struct BatchAllRows {
   }
 };
 
+
+// ---------------------------------------------------------------------------------------
+// Fused upper-triangle path for the usual few positives per anchor (every class at most
+// kScanMaxPositives + 1 members): each anchor's positive distances are computed first
+// (O(N K D)), then the negatives are streamed once over upper-triangle blocks (row block
+// [r0, r0 + b) against candidates [r0, N), as batch hard): the block's rows scan their
+// candidates, and the candidates beyond the block scan the block's rows, so each pair's
+// distance is computed once and serves both of its anchors. No sort, no (rows, N) scan
+// workspace beyond the distance block. Per-anchor sums run in a fixed order (block, then
+// row), independent of the thread count: deterministic.
+// ---------------------------------------------------------------------------------------
+
+constexpr int kFusedMaxPositives = 16;
+
+// The anchors' positives: for anchor a, its class members other than a in ascending index,
+// their distances (epi::distance of an explicit dot product), and where a sits in each
+// positive's own list (for the symmetric positive-pair gradient).
+template <typename T>
+struct Positives {
+  int64_t N = 0;
+  std::vector<int> count;          // (N) positives per anchor
+  std::vector<int64_t> idx;        // (N, K) positive indices
+  std::vector<T> dist;             // (N, K) d(a, idx[a][k])
+  std::vector<int> back;           // (N, K) position of a in idx[idx[a][k]]
+  std::vector<int64_t> negatives;  // (N) negatives per anchor
+  bool fits = true;                // every class has at most K + 1 members
+};
+
+template <typename T, Metric M>
+Positives<T> collect_positives(const Prepared& p, const int64_t* lab) {
+  const int64_t N = p.rows(), D = p.e.size(1);
+  constexpr int K = kFusedMaxPositives;
+  Positives<T> r;
+  r.N = N;
+  // Class members in ascending index: stable sort of the indices by label.
+  std::vector<int64_t> order(N);
+  for (int64_t i = 0; i < N; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t u, int64_t v) { return lab[u] < lab[v]; });
+  std::vector<int64_t> start(N), size(N), rank(N);  // per anchor: its class's [start, +size)
+  for (int64_t q = 0; q < N;) {
+    int64_t e = q;
+    while (e < N && lab[order[e]] == lab[order[q]]) ++e;
+    if (e - q > K + 1) r.fits = false;
+    for (int64_t t = q; t < e; ++t) {
+      start[order[t]] = q;
+      size[order[t]] = e - q;
+      rank[order[t]] = t - q;
+    }
+    q = e;
+  }
+  if (!r.fits) return r;
+  r.count.assign(N, 0);
+  r.idx.assign(N * K, -1);
+  r.dist.assign(N * K, T(0));
+  r.back.assign(N * K, 0);
+  r.negatives.assign(N, 0);
+  const T* e = p.e.data_ptr<T>();
+  const T* sq = p.sqnorm.data_ptr<T>();
+  const T* inv = p.inv.data_ptr<T>();
+  at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t a = lo; a < hi; ++a) {
+      int k = 0;
+      for (int64_t t = 0; t < size[a]; ++t) {
+        const int64_t j = order[start[a] + t];
+        if (j == a) continue;
+        const T dot = explicit_sum<Metric::kCosine>(e + a * D, e + j * D, D);
+        r.idx[a * K + k] = j;
+        r.dist[a * K + k] = distance_from_dot<M>(dot, e + a * D, e + j * D, D, sq[a], inv[a],
+                                                 sq[j], inv[j]);
+        // a is member rank[a] of the class; in j's list (members without j) it sits one
+        // place lower when j comes before it
+        r.back[a * K + k] = static_cast<int>(rank[a] - (rank[j] < rank[a] ? 1 : 0));
+        ++k;
+      }
+      r.count[a] = k;
+      r.negatives[a] = N - size[a];
+    }
+  });
+  return r;
+}
+
+// Per-anchor state of the streaming pass.
+template <typename T>
+struct AnchorAcc {
+  double sum = 0;
+  int64_t active = 0;
+  bool nan = false;
+};
+
+// Runs the upper-triangle pass. visit(anchor, negative_distance, block_index_i, block_col_j)
+// is called for every (anchor, negative) pair exactly once, from the thread that owns the
+// anchor in that phase: visit_row for the block's rows, visit_col for the later candidates.
+// make_block(r0, b, dist) may allocate per-block state; finish_block(r0, b, dist, state) runs
+// after both phases of a block.
+template <typename T, Metric M, typename Row, typename Col, typename Finish>
+void upper_triangle_pass(const Prepared& p, const int64_t* lab, int64_t bytes_per_elem,
+                         Row&& visit_row, Col&& visit_col, Finish&& finish_block) {
+  const int64_t N = p.rows();
+  const int64_t B = block_rows(N, N, bytes_per_elem);
+  constexpr int64_t kColChunk = 64;
+  for (int64_t r0 = 0; r0 < N; r0 += B) {
+    const int64_t b = std::min(B, N - r0), C = N - r0;
+    at::Tensor dist = distance_block(p, r0, b, p, r0, C, M);
+    const T* dp = dist.data_ptr<T>();
+    at::parallel_for(0, b, row_grain(C), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t a = r0 + i;
+        const T* d = dp + i * C;
+        for (int64_t j = 0; j < C; ++j) {
+          if (lab[r0 + j] != lab[a]) visit_row(a, d[j], i, j);
+        }
+      }
+    });
+    const int64_t chunks = (C - b + kColChunk - 1) / kColChunk;
+    at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(b * kColChunk)),
+                     [&](int64_t lo, int64_t hi) {
+                       for (int64_t q = lo; q < hi; ++q) {
+                         const int64_t j0 = b + q * kColChunk, j1 = std::min(C, j0 + kColChunk);
+                         for (int64_t i = 0; i < b; ++i) {
+                           const int64_t a = r0 + i;
+                           const T* d = dp + i * C;
+                           for (int64_t j = j0; j < j1; ++j) {
+                             if (lab[r0 + j] != lab[a]) visit_col(r0 + j, d[j], i, j);
+                           }
+                         }
+                       }
+                     });
+    finish_block(r0, b, dist);
+  }
+}
+
+template <typename T, Metric M>
+RowTotals fused_forward(const Prepared& p, const int64_t* lab, const Positives<T>& pos, T margin) {
+  const int64_t N = p.rows();
+  constexpr int K = kFusedMaxPositives;
+  std::vector<AnchorAcc<T>> acc(N);
+  auto visit = [&](int64_t a, T d, int64_t, int64_t) {
+    AnchorAcc<T>& s = acc[a];
+    s.nan |= epi::is_nan(d);
+    epi::batch_all_negative(pos.dist.data() + a * K, pos.count[a], d, margin, &s.sum, &s.active);
+  };
+  upper_triangle_pass<T, M>(p, lab, sizeof(T), visit, visit,
+                            [](int64_t, int64_t, const at::Tensor&) {});
+  RowTotals total;
+  bool nan = false;
+  for (int64_t a = 0; a < N; ++a) {
+    const int64_t valid = pos.count[a] * pos.negatives[a];
+    if (valid == 0) continue;
+    for (int k = 0; k < pos.count[a]; ++k) nan |= epi::is_nan(pos.dist[a * K + k]);
+    nan |= acc[a].nan;
+    total.sum += acc[a].sum;
+    total.valid += valid;
+    total.positive += acc[a].active;
+  }
+  if (nan) total.sum = epi::quiet_nan<double>();  // the NaN rule
+  return total;
+}
+
+template <typename T, Metric M>
+at::Tensor fused_backward(const Prepared& p, const int64_t* lab, const Positives<T>& pos, T margin,
+                          T g) {
+  const int64_t N = p.rows(), D = p.e.size(1);
+  constexpr int K = kFusedMaxPositives;
+  at::Tensor grad = at::zeros_like(p.e);
+  // active[a][k]: negatives active with anchor a's positive k (integer: exact in any order).
+  std::vector<int64_t> active(N * K, 0);
+  std::vector<char> nan(N, 0);
+  at::Tensor W;
+  T* wp = nullptr;
+  int64_t ldw = 0;
+  // Weight of d(a, n) for anchor a: -g * (number of a's positives active with n).
+  auto count = [&](int64_t a, T d) {
+    const T* dap = pos.dist.data() + a * K;
+    int64_t* act = active.data() + a * K;
+    int64_t c = 0;
+    for (int k = 0; k < pos.count[a]; ++k) {
+      const bool on = dap[k] - d + margin > T(0);
+      act[k] += on;
+      c += on;
+    }
+    nan[a] |= epi::is_nan(d);
+    return -g * static_cast<T>(c);
+  };
+  const int64_t B = block_rows(N, N, 2 * sizeof(T));
+  for (int64_t r0 = 0; r0 < N; r0 += B) {
+    const int64_t b = std::min(B, N - r0), C = N - r0;
+    at::Tensor dist = distance_block(p, r0, b, p, r0, C, M);
+    W = at::zeros_like(dist);
+    wp = W.data_ptr<T>();
+    ldw = C;
+    const T* dp = dist.data_ptr<T>();
+    // The block's rows: every candidate of [r0, N). Inside the block's square both (i, j) and
+    // (j, i) are visited, each carrying one direction's weight; beyond it the column phase
+    // adds the other direction to the same entry.
+    at::parallel_for(0, b, row_grain(C), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t a = r0 + i;
+        const T* d = dp + i * C;
+        for (int64_t j = 0; j < C; ++j) {
+          if (lab[r0 + j] != lab[a]) wp[i * ldw + j] = count(a, d[j]);
+        }
+      }
+    });
+    constexpr int64_t kColChunk = 64;
+    const int64_t chunks = (C - b + kColChunk - 1) / kColChunk;
+    at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(b * kColChunk)),
+                     [&](int64_t lo, int64_t hi) {
+                       for (int64_t q = lo; q < hi; ++q) {
+                         const int64_t j0 = b + q * kColChunk, j1 = std::min(C, j0 + kColChunk);
+                         for (int64_t i = 0; i < b; ++i) {
+                           const int64_t a = r0 + i;
+                           const T* d = dp + i * C;
+                           for (int64_t j = j0; j < j1; ++j) {
+                             if (lab[r0 + j] != lab[a]) wp[i * ldw + j] += count(r0 + j, d[j]);
+                           }
+                         }
+                       }
+                     });
+    accumulate_distance_grad(W, dist, p, r0, p, r0, M, grad, grad);
+  }
+  // Positive pairs: row j owns its gradient; pair (j, p) carries the counts of both
+  // directions (j's positive p, and p's positive j).
+  const T* e = p.e.data_ptr<T>();
+  const T* sq = p.sqnorm.data_ptr<T>();
+  const T* inv = p.inv.data_ptr<T>();
+  T* gp = grad.data_ptr<T>();
+  bool any_nan = false;
+  for (int64_t a = 0; a < N; ++a) {
+    if (pos.count[a] * pos.negatives[a] == 0) continue;
+    any_nan |= nan[a] != 0;
+    for (int k = 0; k < pos.count[a]; ++k) any_nan |= epi::is_nan(pos.dist[a * K + k]);
+  }
+  if (any_nan) return grad.fill_(epi::quiet_nan<T>());  // the NaN rule
+  at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      T* gj = gp + j * D;
+      const T* ej = e + j * D;
+      for (int k = 0; k < pos.count[j]; ++k) {
+        const int64_t q = pos.idx[j * K + k];
+        const int64_t both = active[j * K + k] + active[q * K + pos.back[j * K + k]];
+        if (both == 0) continue;
+        const PairGrad<T> c = pair_grad<M>(g * static_cast<T>(both), pos.dist[j * K + k], sq[j],
+                                           sq[q], inv[j], inv[q]);
+        const T* eq = e + q * D;
+        for (int64_t t = 0; t < D; ++t) gj[t] += c.ca * ej[t] + c.cab * eq[t];
+      }
+    }
+  });
+  return grad;
+}
+
+// embeddings: (N, D), labels: (N,) -> (loss_sum 0-d accumulation dtype, num_valid 0-d int64,
+// num_positive 0-d int64). Few positives: the fused pass; many: the row policy above.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_forward(const at::Tensor& embeddings,
+                                                                const at::Tensor& labels,
+                                                                double margin, int64_t metric) {
+  const at::Tensor lab = check_batch(embeddings, labels, metric);
+  const Metric m = static_cast<Metric>(metric);
+  const Prepared p = prepare(embeddings, m);
+  std::optional<RowTotals> total;
+  AT_DISPATCH_FLOATING_TYPES(p.e.scalar_type(), "batch_all_forward", [&] {
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      const Positives<scalar_t> pos = collect_positives<scalar_t, kM>(p, lab.data_ptr<int64_t>());
+      if (pos.fits) {
+        total = fused_forward<scalar_t, kM>(p, lab.data_ptr<int64_t>(), pos,
+                                            static_cast<scalar_t>(margin));
+      }
+    });
+  });
+  if (!total) return loss_forward<BatchAllRows>(embeddings, labels, margin, metric);
+  return {acc_scalar(total->sum, p.e), long_scalar(total->valid, p.e),
+          long_scalar(total->positive, p.e)};
+}
+
+// grad_loss_sum: 0-d; embeddings: (N, D); labels: (N,) -> grad (N, D) in the embeddings' dtype.
+at::Tensor batch_all_backward(const at::Tensor& grad_loss_sum, const at::Tensor& embeddings,
+                              const at::Tensor& labels, double margin, int64_t metric) {
+  const at::Tensor lab = check_batch(embeddings, labels, metric);
+  TORCH_CHECK(grad_loss_sum.numel() == 1, "triplet_cuda: grad_loss_sum must have one element, got ",
+              grad_loss_sum.sizes());
+  const Metric m = static_cast<Metric>(metric);
+  const Prepared p = prepare(embeddings, m);
+  if (p.rows() == 0) return at::zeros_like(embeddings, at::MemoryFormat::Contiguous);
+  at::Tensor grad;
+  AT_DISPATCH_FLOATING_TYPES(p.e.scalar_type(), "batch_all_backward", [&] {
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      const Positives<scalar_t> pos = collect_positives<scalar_t, kM>(p, lab.data_ptr<int64_t>());
+      if (pos.fits) {
+        grad = fused_backward<scalar_t, kM>(p, lab.data_ptr<int64_t>(), pos,
+                                            static_cast<scalar_t>(margin),
+                                            grad_loss_sum.item<scalar_t>());
+      }
+    });
+  });
+  if (!grad.defined()) {
+    return loss_backward<BatchAllRows>(grad_loss_sum, embeddings, labels, margin, metric);
+  }
+  return grad.to(embeddings.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) {
-  m.impl("batch_all_loss", &loss_forward<BatchAllRows>);
-  m.impl("batch_all_loss_backward", &loss_backward<BatchAllRows>);
+  m.impl("batch_all_loss", &batch_all_forward);
+  m.impl("batch_all_loss_backward", &batch_all_backward);
 }
 
 }  // namespace cpu

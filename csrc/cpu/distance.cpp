@@ -1,6 +1,8 @@
 // CPU distance blocks and their gradient (see distance.h).
 #include "distance.h"
 
+#include <cstdlib>
+
 namespace triplet_cuda {
 namespace cpu {
 
@@ -24,9 +26,23 @@ Prepared prepare(const at::Tensor& x, Metric metric) {
   return p;
 }
 
+namespace {
+
+// Bytes of one distance block: 8 MiB, or TRIPLET_CUDA_CPU_BLOCK_BYTES (a test knob: tiny blocks
+// make small batches span many blocks, so the multi-block paths are tested against the
+// reference at sizes it can afford).
+int64_t block_bytes() {
+  if (const char* env = std::getenv("TRIPLET_CUDA_CPU_BLOCK_BYTES")) {
+    const long long v = std::atoll(env);
+    if (v > 0) return static_cast<int64_t>(v);
+  }
+  return int64_t(8) << 20;
+}
+
+}  // namespace
+
 int64_t block_rows(int64_t rows, int64_t cols, int64_t elem_size) {
-  constexpr int64_t kBlockBytes = int64_t(8) << 20;
-  const int64_t b = kBlockBytes / std::max<int64_t>(cols * elem_size, 1);
+  const int64_t b = block_bytes() / std::max<int64_t>(cols * elem_size, 1);
   return std::max<int64_t>(1, std::min(rows, b));
 }
 
