@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "fused.h"
 #include "loss.h"
 
 namespace triplet_cuda {
@@ -132,87 +133,12 @@ struct BatchAllRows {
 
 
 // ---------------------------------------------------------------------------------------
-// Fused upper-triangle path for the usual few positives per anchor (every class at most
-// kScanMaxPositives + 1 members): each anchor's positive distances are computed first
-// (O(N K D)), then the negatives are streamed once over upper-triangle blocks (row block
-// [r0, r0 + b) against candidates [r0, N), as batch hard): the block's rows scan their
-// candidates, and the candidates beyond the block scan the block's rows, so each pair's
-// distance is computed once and serves both of its anchors. No sort, no (rows, N) scan
-// workspace beyond the distance block. Per-anchor sums run in a fixed order (block, then
-// row), independent of the thread count: deterministic.
+// Fused upper-triangle path for the usual few positives per anchor (csrc/cpu/fused.h): each
+// anchor's positive distances first, then the negatives streamed once, each pair's distance
+// serving both of its anchors. No sort, no scan workspace beyond the distance block.
 // ---------------------------------------------------------------------------------------
 
-constexpr int kFusedMaxPositives = 16;
-
-// The anchors' positives: for anchor a, its class members other than a in ascending index,
-// their distances (epi::distance of an explicit dot product), and where a sits in each
-// positive's own list (for the symmetric positive-pair gradient).
-template <typename T>
-struct Positives {
-  int64_t N = 0;
-  std::vector<int> count;          // (N) positives per anchor
-  std::vector<int64_t> idx;        // (N, K) positive indices
-  std::vector<T> dist;             // (N, K) d(a, idx[a][k])
-  std::vector<int> back;           // (N, K) position of a in idx[idx[a][k]]
-  std::vector<int64_t> negatives;  // (N) negatives per anchor
-  bool fits = true;                // every class has at most K + 1 members
-};
-
-template <typename T, Metric M>
-Positives<T> collect_positives(const Prepared& p, const int64_t* lab) {
-  const int64_t N = p.rows(), D = p.e.size(1);
-  constexpr int K = kFusedMaxPositives;
-  Positives<T> r;
-  r.N = N;
-  // Class members in ascending index: stable sort of the indices by label.
-  std::vector<int64_t> order(N);
-  for (int64_t i = 0; i < N; ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t u, int64_t v) { return lab[u] < lab[v]; });
-  std::vector<int64_t> start(N), size(N), rank(N);  // per anchor: its class's [start, +size)
-  for (int64_t q = 0; q < N;) {
-    int64_t e = q;
-    while (e < N && lab[order[e]] == lab[order[q]]) ++e;
-    if (e - q > K + 1) r.fits = false;
-    for (int64_t t = q; t < e; ++t) {
-      start[order[t]] = q;
-      size[order[t]] = e - q;
-      rank[order[t]] = t - q;
-    }
-    q = e;
-  }
-  if (!r.fits) return r;
-  r.count.assign(N, 0);
-  r.idx.assign(N * K, -1);
-  r.dist.assign(N * K, T(0));
-  r.back.assign(N * K, 0);
-  r.negatives.assign(N, 0);
-  const T* e = p.e.data_ptr<T>();
-  const T* sq = p.sqnorm.data_ptr<T>();
-  const T* inv = p.inv.data_ptr<T>();
-  at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t a = lo; a < hi; ++a) {
-      int k = 0;
-      for (int64_t t = 0; t < size[a]; ++t) {
-        const int64_t j = order[start[a] + t];
-        if (j == a) continue;
-        const T dot = explicit_sum<Metric::kCosine>(e + a * D, e + j * D, D);
-        r.idx[a * K + k] = j;
-        r.dist[a * K + k] = distance_from_dot<M>(dot, e + a * D, e + j * D, D, sq[a], inv[a],
-                                                 sq[j], inv[j]);
-        // a is member rank[a] of the class; in j's list (members without j) it sits one
-        // place lower when j comes before it
-        r.back[a * K + k] = static_cast<int>(rank[a] - (rank[j] < rank[a] ? 1 : 0));
-        ++k;
-      }
-      r.count[a] = k;
-      r.negatives[a] = N - size[a];
-    }
-  });
-  return r;
-}
-
-// Per-anchor state of the streaming pass.
+// Per-anchor state of the batch-all streaming pass.
 template <typename T>
 struct AnchorAcc {
   double sum = 0;
@@ -220,60 +146,17 @@ struct AnchorAcc {
   bool nan = false;
 };
 
-// Runs the upper-triangle pass. visit(anchor, negative_distance, block_index_i, block_col_j)
-// is called for every (anchor, negative) pair exactly once, from the thread that owns the
-// anchor in that phase: visit_row for the block's rows, visit_col for the later candidates.
-// make_block(r0, b, dist) may allocate per-block state; finish_block(r0, b, dist, state) runs
-// after both phases of a block.
-template <typename T, Metric M, typename Row, typename Col, typename Finish>
-void upper_triangle_pass(const Prepared& p, const int64_t* lab, int64_t bytes_per_elem,
-                         Row&& visit_row, Col&& visit_col, Finish&& finish_block) {
-  const int64_t N = p.rows();
-  const int64_t B = block_rows(N, N, bytes_per_elem);
-  constexpr int64_t kColChunk = 64;
-  for (int64_t r0 = 0; r0 < N; r0 += B) {
-    const int64_t b = std::min(B, N - r0), C = N - r0;
-    at::Tensor dist = distance_block(p, r0, b, p, r0, C, M);
-    const T* dp = dist.data_ptr<T>();
-    at::parallel_for(0, b, row_grain(C), [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t a = r0 + i;
-        const T* d = dp + i * C;
-        for (int64_t j = 0; j < C; ++j) {
-          if (lab[r0 + j] != lab[a]) visit_row(a, d[j], i, j);
-        }
-      }
-    });
-    const int64_t chunks = (C - b + kColChunk - 1) / kColChunk;
-    at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(b * kColChunk)),
-                     [&](int64_t lo, int64_t hi) {
-                       for (int64_t q = lo; q < hi; ++q) {
-                         const int64_t j0 = b + q * kColChunk, j1 = std::min(C, j0 + kColChunk);
-                         for (int64_t i = 0; i < b; ++i) {
-                           const int64_t a = r0 + i;
-                           const T* d = dp + i * C;
-                           for (int64_t j = j0; j < j1; ++j) {
-                             if (lab[r0 + j] != lab[a]) visit_col(r0 + j, d[j], i, j);
-                           }
-                         }
-                       }
-                     });
-    finish_block(r0, b, dist);
-  }
-}
-
 template <typename T, Metric M>
 RowTotals fused_forward(const Prepared& p, const int64_t* lab, const Positives<T>& pos, T margin) {
   const int64_t N = p.rows();
   constexpr int K = kFusedMaxPositives;
   std::vector<AnchorAcc<T>> acc(N);
-  auto visit = [&](int64_t a, T d, int64_t, int64_t) {
+  auto visit = [&](int64_t a, int64_t, T d) {
     AnchorAcc<T>& s = acc[a];
     s.nan |= epi::is_nan(d);
     epi::batch_all_negative(pos.dist.data() + a * K, pos.count[a], d, margin, &s.sum, &s.active);
   };
-  upper_triangle_pass<T, M>(p, lab, sizeof(T), visit, visit,
-                            [](int64_t, int64_t, const at::Tensor&) {});
+  upper_triangle_pass<T, M>(p, lab, sizeof(T), visit);
   RowTotals total;
   bool nan = false;
   for (int64_t a = 0; a < N; ++a) {
