@@ -251,15 +251,22 @@ struct PairGrad {
   T ca, cab, cb;
 };
 
+// Gradient self-term scale of the cosine metric: 1 / ||x||^2 above kCosineEps^2, 0 at or
+// below (the norm floor is constant there), NaN for NaN. Backends may precompute it per row.
+template <typename T>
+TC_HOST_DEVICE inline T cosine_self_scale(T sq) {
+  const T eps2 = static_cast<T>(kCosineEps * kCosineEps);
+  return sq > eps2 ? T(1) / sq : (is_nan(sq) ? sq : T(0));
+}
+
+// pair_grad with the cosine self-term scales m_* = cosine_self_scale(sq_*) given (unused by
+// the Euclidean metrics).
 template <Metric M, typename T>
-TC_HOST_DEVICE inline PairGrad<T> pair_grad(T g, T d, T sq_a, T sq_b, T inv_a, T inv_b) {
+TC_HOST_DEVICE inline PairGrad<T> pair_grad_scaled(T g, T d, T m_a, T m_b, T inv_a, T inv_b) {
   if constexpr (M == Metric::kCosine) {
     // d = 1 - c, c = <a,b> inv_a inv_b;  dd/da = -inv_a inv_b b + c a / ||a||^2 (||a|| > eps)
     const T c = T(1) - d;
-    const T eps2 = static_cast<T>(kCosineEps * kCosineEps);
-    const T ma = sq_a > eps2 ? T(1) / sq_a : (is_nan(sq_a) ? sq_a : T(0));
-    const T mb = sq_b > eps2 ? T(1) / sq_b : (is_nan(sq_b) ? sq_b : T(0));
-    return {g * c * ma, -g * inv_a * inv_b, g * c * mb};
+    return {g * c * m_a, -g * inv_a * inv_b, g * c * m_b};
   } else {
     T s;
     if constexpr (M == Metric::kEuclidean) {
@@ -269,6 +276,16 @@ TC_HOST_DEVICE inline PairGrad<T> pair_grad(T g, T d, T sq_a, T sq_b, T inv_a, T
       s = T(2) * g;
     }
     return {s, -s, s};
+  }
+}
+
+template <Metric M, typename T>
+TC_HOST_DEVICE inline PairGrad<T> pair_grad(T g, T d, T sq_a, T sq_b, T inv_a, T inv_b) {
+  if constexpr (M == Metric::kCosine) {
+    return pair_grad_scaled<M>(g, d, cosine_self_scale(sq_a), cosine_self_scale(sq_b), inv_a,
+                               inv_b);
+  } else {
+    return pair_grad_scaled<M>(g, d, T(0), T(0), inv_a, inv_b);
   }
 }
 

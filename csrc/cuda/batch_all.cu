@@ -15,6 +15,11 @@
 //   W[a, p] = #{n active with p},  W[a, n] = -#{p active with n}
 // (exact small integers in acc_t; each entry owned by one thread) and differentiates
 // through the distances with pair_grad.cuh. O(R * N) memory per chunk.
+//
+// NaN rule (csrc/epilogue.h; as BatchAllRows in csrc/cpu/batch_all.cpp): an anchor with at
+// least one positive and one negative whose distance row holds a NaN gets a NaN loss sum
+// (valid count P * Q unchanged, positive count 0) and NaN weights on every j != a; its
+// sorted keys are not searched (NaN sorts after the +inf keys, see loss_common.cuh).
 #include <torch/library.h>
 
 #include "loss_common.cuh"
@@ -80,12 +85,16 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t Q = N - (ge - gs);  // negatives of a
   const acc_t* __restrict__ d_row = Dc + row * N;
   const acc_t* __restrict__ sn = Sn + row * N;
+  const bool row_nan = block_row_has_nan(d_row, N);  // every thread: a barrier
+  const bool nan_terms = row_nan && P > 0 && Q > 0;
 
   double loss = 0;
   int64_t active = 0;
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
     acc_t w = 0;
-    if (j != a) {
+    if (nan_terms) {
+      if constexpr (kBackward) w = j != a ? epi::quiet_nan<acc_t>() : acc_t(0);
+    } else if (j != a) {
       const acc_t d = d_row[j];
       if (labels[j] == la) {  // positive: active negatives are a prefix of sn
         if (Q > 0) {
@@ -118,7 +127,7 @@ __global__ void __launch_bounds__(kRowThreads)
     loss = block_sum(loss, sd);
     active = block_sum(active, si);
     if (threadIdx.x == 0) {
-      loss_rows[a] = loss;
+      loss_rows[a] = nan_terms ? epi::quiet_nan<double>() : loss;
       valid_rows[a] = P * Q;
       pos_rows[a] = active;
     }

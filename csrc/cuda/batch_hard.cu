@@ -8,8 +8,10 @@
 //      then reduce by warp shuffles. Results per (split, anchor) go to a small workspace.
 //   2. hard_mine_finalize_kernel: one warp per anchor combines the splits, decides
 //      validity and recomputes the two selected distances exactly (explicit differences).
-// The "best" relation is a total order (distance, then lowest index), so the result does
-// not depend on the order of the reductions: deterministic.
+// The "best" relations are the shared epilogue's total orders on (distance, index)
+// (epi::farther / epi::nearer in csrc/epilogue.h, the CPU's): a NaN distance ranks hardest,
+// then the better distance, then the lowest index. So the result does not depend on the
+// order of the reductions (tiles, splits, shuffles): deterministic, and the same as the CPU.
 //
 // Backward: one warp per embedding row owns its gradient row. It adds its own anchor-side
 // terms, then the partner-side terms of the pairs whose partner it is, found through a
@@ -22,23 +24,6 @@
 namespace triplet_cuda {
 namespace cuda {
 namespace {
-
-// Candidate (d, i) beats the current best (bd, bi) for a positive: larger distance, ties
-// to the lowest index; index -1 means "none yet".
-template <typename acc_t>
-__device__ __forceinline__ bool pos_better(acc_t d, int64_t i, acc_t bd, int64_t bi) {
-  if (i < 0) return false;
-  if (bi < 0) return true;
-  return d > bd || (d == bd && i < bi);
-}
-
-// Same for a negative: smaller distance, ties to the lowest index.
-template <typename acc_t>
-__device__ __forceinline__ bool neg_better(acc_t d, int64_t i, acc_t bd, int64_t bi) {
-  if (i < 0) return false;
-  if (bi < 0) return true;
-  return d < bd || (d == bd && i < bi);
-}
 
 // grid = (anchor tiles, splits); split s scans candidate tiles
 // [s * tiles_per_split, min((s + 1) * tiles_per_split, tilesN)).
@@ -60,18 +45,14 @@ __global__ void __launch_bounds__(kTileThreads)
 
   int64_t lab_r[kPer];
   acc_t sq_r[kPer], inv_r[kPer];
-  acc_t pd[kPer], nd[kPer];
-  int64_t pi[kPer], ni[kPer];
+  epi::ArgFarthest<acc_t> pos[kPer];  // index -1: none yet
+  epi::ArgNearest<acc_t> neg[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int64_t r = a0 + ty + kTileDim * i;
     lab_r[i] = r < N ? labels[r] : 0;
     sq_r[i] = r < N ? st.sq[r] : acc_t(0);
     inv_r[i] = r < N ? st.inv[r] : acc_t(0);
-    pd[i] = -acc_inf<acc_t>();
-    nd[i] = acc_inf<acc_t>();
-    pi[i] = -1;
-    ni[i] = -1;
   }
 
   for (int64_t t = t_begin; t < t_end; ++t) {
@@ -90,15 +71,9 @@ __global__ void __launch_bounds__(kTileThreads)
         if (r >= N || c == r) continue;
         const acc_t d =
             dist_from_dot<M>(acc[i][j], sq_r[i], inv_r[i], sq_c, inv_c, x + r * D, x + c * D, D);
-        if (lab_c == lab_r[i]) {
-          if (pos_better(d, c, pd[i], pi[i])) {
-            pd[i] = d;
-            pi[i] = c;
-          }
-        } else if (neg_better(d, c, nd[i], ni[i])) {
-          nd[i] = d;
-          ni[i] = c;
-        }
+        const bool same = lab_c == lab_r[i];
+        pos[i].update(d, same ? c : -1);
+        neg[i].update(d, same ? -1 : c);
       }
     }
   }
@@ -109,25 +84,19 @@ __global__ void __launch_bounds__(kTileThreads)
   for (int i = 0; i < kPer; ++i) {
 #pragma unroll
     for (int off = kTileDim / 2; off > 0; off /= 2) {
-      const acc_t opd = __shfl_xor_sync(0xffffffffu, pd[i], off);
-      const int64_t opi = __shfl_xor_sync(0xffffffffu, pi[i], off);
-      const acc_t ond = __shfl_xor_sync(0xffffffffu, nd[i], off);
-      const int64_t oni = __shfl_xor_sync(0xffffffffu, ni[i], off);
-      if (pos_better(opd, opi, pd[i], pi[i])) {
-        pd[i] = opd;
-        pi[i] = opi;
-      }
-      if (neg_better(ond, oni, nd[i], ni[i])) {
-        nd[i] = ond;
-        ni[i] = oni;
-      }
+      const acc_t opd = __shfl_xor_sync(0xffffffffu, pos[i].d, off);
+      const int64_t opi = __shfl_xor_sync(0xffffffffu, pos[i].i, off);
+      const acc_t ond = __shfl_xor_sync(0xffffffffu, neg[i].d, off);
+      const int64_t oni = __shfl_xor_sync(0xffffffffu, neg[i].i, off);
+      pos[i].update(opd, opi);
+      neg[i].update(ond, oni);
     }
     const int64_t r = a0 + ty + kTileDim * i;
     if (tx == 0 && r < N) {
-      part_pd[split * N + r] = pd[i];
-      part_pi[split * N + r] = pi[i];
-      part_nd[split * N + r] = nd[i];
-      part_ni[split * N + r] = ni[i];
+      part_pd[split * N + r] = pos[i].d;
+      part_pi[split * N + r] = pos[i].i;
+      part_nd[split * N + r] = neg[i].d;
+      part_ni[split * N + r] = neg[i].i;
     }
   }
 }
@@ -149,20 +118,13 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
       static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (a >= N) return;  // the whole warp leaves together
-  acc_t pd = -acc_inf<acc_t>(), nd = acc_inf<acc_t>();
-  int64_t pi = -1, ni = -1;
+  epi::ArgFarthest<acc_t> pos;
+  epi::ArgNearest<acc_t> neg;
   for (int64_t s = 0; s < splits; ++s) {  // every lane does the same (tiny) loop
-    const acc_t spd = part_pd[s * N + a], snd = part_nd[s * N + a];
-    const int64_t spi = part_pi[s * N + a], sni = part_ni[s * N + a];
-    if (pos_better(spd, spi, pd, pi)) {
-      pd = spd;
-      pi = spi;
-    }
-    if (neg_better(snd, sni, nd, ni)) {
-      nd = snd;
-      ni = sni;
-    }
+    pos.update(part_pd[s * N + a], part_pi[s * N + a]);
+    neg.update(part_nd[s * N + a], part_ni[s * N + a]);
   }
+  const int64_t pi = pos.i, ni = neg.i;
   if (pi < 0 || ni < 0) {  // no positive or no negative: invalid anchor
     if (lane == 0) {
       pos_dist[a] = static_cast<scalar_t>(acc_t(0));
@@ -243,24 +205,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_cuda(
   return {r.pos_dist, r.pos_idx, r.neg_dist, r.neg_idx};
 }
 
-// Coefficients of the gradient of g * d(s, o) w.r.t. row s: alpha * x_s + beta * x_o.
-// d is the saved pair distance.
-template <Metric M, typename acc_t>
-__device__ __forceinline__ void self_coefs(acc_t g, acc_t d, acc_t inv_s, acc_t inv_o,
-                                           acc_t m_s, acc_t& alpha, acc_t& beta) {
-  if constexpr (M == Metric::kCosine) {
-    alpha = g * (acc_t(1) - d) * m_s;
-    beta = -g * inv_s * inv_o;
-  } else if constexpr (M == Metric::kEuclidean) {
-    const acc_t s = d > acc_t(0) ? g / d : acc_t(0);  // gradient of ||a - b|| at 0 is 0
-    alpha = s;
-    beta = -s;
-  } else {
-    alpha = acc_t(2) * g;
-    beta = -alpha;
-  }
-}
-
 // key[2 a + s] = partner of pair (a, s) (s = 0 positive, 1 negative), or N when invalid.
 __global__ void hard_pair_keys_kernel(const int64_t* __restrict__ pos_idx,
                                       const int64_t* __restrict__ neg_idx, int64_t N,
@@ -293,7 +237,8 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
   const int64_t q_begin = partition_point(n_pairs, [&](int64_t t) { return sorted_keys[t] < r; });
   const int64_t q_end =
       partition_point(n_pairs, [&](int64_t t) { return sorted_keys[t] < r + 1; });
-  const acc_t inv_r = st.inv[r], m_r = st.m[r];
+  const acc_t inv_r = st.inv[r];
+  const acc_t m_r = M == Metric::kCosine ? st.m[r] : acc_t(0);
   const scalar_t* xr = x + r * D;
 
   for (int64_t k0 = 0; k0 < D; k0 += kWarp * kHardGradPer) {
@@ -301,7 +246,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
 #pragma unroll
     for (int v = 0; v < kHardGradPer; ++v) acc[v] = acc_t(0);
 
-    // Adds alpha * x_r + beta * x_o to this lane's columns.
+    // Adds alpha * x_r + beta * x_o to this lane's columns (epi::PairGrad coefficients).
     auto add_pair = [&](acc_t alpha, acc_t beta, int64_t o) {
       const scalar_t* xo = x + o * D;
 #pragma unroll
@@ -311,25 +256,27 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
       }
     };
 
-    // Anchor side: r's own positive, then its negative.
+    // Anchor side: r's own positive, then its negative (pair (r, b): r is the first row).
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       const int64_t b = s == 0 ? pos_idx[r] : neg_idx[r];
       if (b < 0 || b >= N) continue;
-      acc_t alpha, beta;
-      self_coefs<M>(s == 0 ? g_pos[r] : g_neg[r], s == 0 ? d_pos[r] : d_neg[r], inv_r, st.inv[b],
-                    m_r, alpha, beta);
-      add_pair(alpha, beta, b);
+      const acc_t m_b = M == Metric::kCosine ? st.m[b] : acc_t(0);
+      const epi::PairGrad<acc_t> pg =
+          epi::pair_grad_scaled<M>(s == 0 ? g_pos[r] : g_neg[r], s == 0 ? d_pos[r] : d_neg[r],
+                                   m_r, m_b, inv_r, st.inv[b]);
+      add_pair(pg.ca, pg.cab, b);
     }
-    // Partner side: pairs (a, s) whose partner is r.
+    // Partner side: pairs (a, s) whose partner is r (r is the second row).
     for (int64_t q = q_begin; q < q_end; ++q) {
       const int64_t e = perm[q];
       const int64_t a = e / 2;
       const bool is_pos = (e % 2) == 0;
-      acc_t alpha, beta;
-      self_coefs<M>(is_pos ? g_pos[a] : g_neg[a], is_pos ? d_pos[a] : d_neg[a], inv_r, st.inv[a],
-                    m_r, alpha, beta);
-      add_pair(alpha, beta, a);
+      const acc_t m_a = M == Metric::kCosine ? st.m[a] : acc_t(0);
+      const epi::PairGrad<acc_t> pg =
+          epi::pair_grad_scaled<M>(is_pos ? g_pos[a] : g_neg[a], is_pos ? d_pos[a] : d_neg[a],
+                                   m_a, m_r, st.inv[a], inv_r);
+      add_pair(pg.cb, pg.cab, a);
     }
 #pragma unroll
     for (int v = 0; v < kHardGradPer; ++v) {

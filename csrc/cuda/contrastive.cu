@@ -7,6 +7,9 @@
 // (finalize_loss): deterministic. The backward writes the dense upper-triangular weights
 //   W[i, j] = 2 d (same label) or -2 relu(margin - d) (different), j > i; 0 elsewhere
 // and differentiates through the distances with pair_grad.cuh. O(R * N) memory per chunk.
+// The terms and weights are the shared epilogue's (epi::contrastive_term / weight in
+// csrc/epilogue.h, as the CPU): a NaN distance gives a NaN term and weight (not counted as
+// positive).
 #include <torch/library.h>
 
 #include "loss_common.cuh"
@@ -35,15 +38,9 @@ __global__ void __launch_bounds__(kRowThreads)
     acc_t w = 0;
     if (j > i) {
       const acc_t d = d_row[j];
-      acc_t term;
-      if (labels[j] == li) {
-        term = d * d;
-        w = acc_t(2) * d;
-      } else {
-        const acc_t r = acc_max(margin - d, acc_t(0));
-        term = r * r;
-        w = acc_t(-2) * r;
-      }
+      const bool same = labels[j] == li;
+      const acc_t term = epi::contrastive_term(same, d, margin);
+      if constexpr (kBackward) w = epi::contrastive_weight(same, d, margin);
       loss += static_cast<double>(term);
       active += term > acc_t(0) ? 1 : 0;
     }

@@ -9,6 +9,7 @@
 // cores, no TF32); float64 inputs use float64 throughout.
 #pragma once
 
+#include "../epilogue.h"
 #include "utils.cuh"
 
 namespace triplet_cuda {
@@ -18,8 +19,8 @@ namespace cuda {
 
 // Per-row statistics in the accumulation type, stored as a (3, N) tensor:
 //   sq[i]  = ||x_i||^2
-//   inv[i] = 1 / max(||x_i||, kCosineEps)                (cosine)
-//   m[i]   = 1 / ||x_i||^2 if ||x_i||^2 > kCosineEps^2 else 0  (cosine gradient self-term)
+//   inv[i] = 1 / max(||x_i||, kCosineEps)                (cosine; NaN stays NaN)
+//   m[i]   = epi::cosine_self_scale(||x_i||^2)            (cosine gradient self-term)
 template <typename acc_t>
 struct RowStats {
   const acc_t* sq;
@@ -59,7 +60,7 @@ __global__ void __launch_bounds__(kStatsThreads)
     const acc_t eps = static_cast<acc_t>(kCosineEps);
     sq[row] = s;
     inv[row] = acc_t(1) / acc_max(acc_sqrt(s), eps);
-    m[row] = s > eps * eps ? acc_t(1) / s : acc_t(0);
+    m[row] = epi::cosine_self_scale(s);
   }
 }
 
@@ -93,25 +94,21 @@ __device__ __noinline__ acc_t thread_squared_distance(const scalar_t* __restrict
   return s;
 }
 
-// Distance of rows a and b (D features) from their dot product and statistics (Gram form);
-// squared distances within rounding noise of 0 (gram_near_zero in common.h) are recomputed
-// exactly from the rows, as on the CPU, so duplicates and the diagonal are exactly 0.
+// Distance of rows a and b (D features) from their dot product and statistics: the shared
+// epilogue (csrc/epilogue.h, as the CPU) -- the Gram form, the NaN rule (a row whose squared
+// norm is not finite gives NaN), and squared distances within rounding noise of 0
+// (epi::needs_exact) recomputed exactly from the rows, so duplicates and the diagonal are
+// exactly 0; a non-finite recomputed sum is NaN (epi::exact_distance's rule).
 template <Metric M, typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t dist_from_dot(acc_t dot, acc_t sq_a, acc_t inv_a, acc_t sq_b,
                                                acc_t inv_b, const scalar_t* __restrict__ a,
                                                const scalar_t* __restrict__ b, int64_t D) {
-  if constexpr (M == Metric::kCosine) {
-    return acc_t(1) - dot * inv_a * inv_b;
-  } else {
-    const acc_t scale = sq_a + sq_b;
-    acc_t s = scale - acc_t(2) * dot;
-    if (s <= gram_near_zero<acc_t>() * scale) s = thread_squared_distance<scalar_t, acc_t>(a, b, D);
-    if constexpr (M == Metric::kEuclidean) {
-      return acc_sqrt(s);
-    } else {
-      return s;
-    }
+  acc_t v = epi::gram_value<M>(dot, sq_a, inv_a, sq_b, inv_b);
+  if (epi::needs_exact<M>(v, sq_a, sq_b)) {
+    const acc_t s = thread_squared_distance<scalar_t, acc_t>(a, b, D);
+    v = epi::is_finite(s) ? s : epi::quiet_nan<acc_t>();
   }
+  return epi::finish<M>(v);
 }
 
 // ------------------------------------------------------------------------ dot tiles
@@ -227,8 +224,9 @@ void launch_distance(const scalar_t* A, RowStats<acc_t> sa, int64_t nA, const sc
 // ------------------------------------------------------------------------ exact pair distance
 
 // Exact distance of the pair (a, b) by explicit differences (no Gram cancellation),
-// computed by one full warp: lanes stride over D, fixed butterfly sum. Every lane of the
-// warp must call it; every lane gets the result. inv_* are RowStats::inv (cosine only).
+// computed by one full warp: lanes stride over D, fixed butterfly sum; epi::exact_distance
+// (a non-finite sum gives NaN). Every lane of the warp must call it; every lane gets the
+// result. inv_* are RowStats::inv (cosine only).
 template <Metric M, typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t warp_pair_distance(const scalar_t* __restrict__ a,
                                                     const scalar_t* __restrict__ b, int64_t D,
@@ -245,13 +243,7 @@ __device__ __forceinline__ acc_t warp_pair_distance(const scalar_t* __restrict__
     }
   }
   s = warp_sum(s);
-  if constexpr (M == Metric::kCosine) {
-    return acc_t(1) - s * inv_a * inv_b;
-  } else if constexpr (M == Metric::kEuclidean) {
-    return acc_sqrt(s);
-  } else {
-    return s;
-  }
+  return epi::exact_distance<M>(s, inv_a, inv_b);
 }
 
 }  // namespace cuda

@@ -6,6 +6,8 @@
 //   * the dense backward of a chunk through pair_grad.cuh and the final scaling,
 //   * the generic loss entry points loss_forward_cuda / loss_backward_cuda (the CUDA
 //     counterpart of csrc/cpu/loss.h): each loss .cu file only supplies its row kernels.
+// The per-element rules (distances, NaN, ties, loss terms) are the shared epilogue's
+// (csrc/epilogue.h), as on the CPU.
 #pragma once
 
 #include "distance.cuh"
@@ -93,9 +95,23 @@ void for_each_distance_chunk(const at::Tensor& x, RowStats<acc_t> st, int64_t R,
   }
 }
 
+// Whether any of the n values of an anchor's distance row is NaN (the NaN rule: then every
+// loss term and gradient weight of the anchor is NaN, as csrc/cpu/batch_all.cpp and
+// semi_hard.h). Every thread of the block must call it (a barrier); all get the answer.
+template <typename acc_t>
+__device__ __forceinline__ bool block_row_has_nan(const acc_t* __restrict__ row, int64_t n) {
+  int local = 0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) local |= epi::is_nan(row[j]) ? 1 : 0;
+  return __syncthreads_or(local) != 0;
+}
+
 // Sort keys of a chunk (e = row * N + j, anchor a = i0 + row, Dc row stride N):
 //   neg_keys[e] = d(a, j) if labels differ, else +inf (negatives first once sorted);
 //   pos_keys[e] = d(a, j) if labels match and j != a, else +inf (skipped when null).
+// at::sort places NaN keys last, which is defined; but a NaN negative then sorts after the
+// +inf keys of the non-negatives, so the searches over the first Q sorted keys are only
+// meaningful for NaN-free rows: the row kernels check block_row_has_nan first and never
+// use the sorted keys of a row holding NaN.
 template <typename acc_t>
 __global__ void sort_keys_kernel(const acc_t* __restrict__ Dc, const int64_t* __restrict__ labels,
                                  int64_t N, int64_t i0, int64_t r, acc_t* __restrict__ neg_keys,

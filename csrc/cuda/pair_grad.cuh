@@ -1,14 +1,14 @@
 // Dense gradient of sum_ij W_ij d(x_i, y_j) with respect to x and y, as tiled
 // matrix products with the per-pair coefficients computed on the fly (never stored).
 //
-// With P_ij, Q_ij the pair coefficients below and coef_i the row term,
-//   grad_x_i = coef_i x_i - sum_j P_ij y_j,      coef_i = s_i * sum_j Q_ij
-//   grad_y_j = coef_j y_j - sum_i P_ij x_i,      coef_j = s_j * sum_i Q_ij
-//   euclidean : P = Q = W / d (0 where d == 0), s = 1
-//   squared   : P = Q = 2 W,                    s = 1
-//   cosine    : P = W inv_i inv_j, Q = W (1 - d), s = RowStats::m (1/|x|^2, 0 below eps)
-// which expands the per-pair rules (x_i - y_j) W/d, 2W (x_i - y_j) and
-// -W inv_i inv_j y_j + W c m_i x_i.
+// The per-pair coefficients are the shared epilogue's (csrc/epilogue.h, as the CPU):
+// epi::pair_grad_scaled(W_ij, d_ij, m_i, m_j, inv_i, inv_j) = {ca, cab, cb} with
+// d/dx_i (W_ij d_ij) = ca x_i + cab y_j and d/dy_j = cab x_i + cb y_j, so
+//   grad_x_i = (sum_j ca_ij) x_i + sum_j cab_ij y_j
+//   grad_y_j = (sum_i cb_ij) y_j + sum_i cab_ij x_i
+// (euclidean: ca = cb = -cab = W / d, 0 where d == 0, NaN where d is NaN; squared: 2 W;
+// cosine: ca = W (1 - d) m_i, cab = -W inv_i inv_j, m = RowStats::m). Below P = -cab and
+// Q = ca (grad_x side) or cb (grad_y side).
 //
 // Kernel layout: one block of 16 x 16 threads per (64 output rows) x (64 feature columns)
 // tile and per split of the reduction axis; the reduction axis is staged 16 at a time in
@@ -30,22 +30,6 @@ struct GradSmem {
   acc_t coef[kTile];               // sum_c Q per out row
 };
 
-// Pair coefficients (P, Q) from the weight w and distance d of pair (i, j).
-template <Metric M, typename acc_t>
-__device__ __forceinline__ void pair_coefs(acc_t w, acc_t d, acc_t inv_i, acc_t inv_j, acc_t& P,
-                                           acc_t& Q) {
-  if constexpr (M == Metric::kCosine) {
-    P = w * inv_i * inv_j;
-    Q = w * (acc_t(1) - d);
-  } else if constexpr (M == Metric::kEuclidean) {
-    P = d > acc_t(0) ? w / d : acc_t(0);  // the gradient of ||a - b|| at a == b is 0
-    Q = P;
-  } else {
-    P = acc_t(2) * w;
-    Q = P;
-  }
-}
-
 // Pairs (i, j), i < nI, j < nJ, with weight W[i * ldw + j] and distance dist[i * ldw + j].
 // X: (nI, D), Y: (nJ, D) contiguous with statistics sx, sy.
 //   TRANS == false: output rows r = i, reduction over c = j: writes grad_x partials.
@@ -64,7 +48,6 @@ __global__ void __launch_bounds__(kTileThreads)
   const int64_t nC = TRANS ? nI : nJ;
   const scalar_t* __restrict__ self = TRANS ? Y : X;
   const scalar_t* __restrict__ other = TRANS ? X : Y;
-  const RowStats<acc_t> s_self = TRANS ? sy : sx;
 
   const int64_t r0 = (static_cast<int64_t>(blockIdx.x) / tilesK) * kTile;
   const int64_t k0 = (static_cast<int64_t>(blockIdx.x) % tilesK) * kTile;
@@ -98,7 +81,12 @@ __global__ void __launch_bounds__(kTileThreads)
         const int64_t j = TRANS ? r : c;
         const acc_t w = static_cast<acc_t>(W[i * ldw + j]);
         const acc_t d = static_cast<acc_t>(dist[i * ldw + j]);
-        pair_coefs<M, acc_t>(w, d, sx.inv[i], sy.inv[j], P, Q);
+        const acc_t m_i = M == Metric::kCosine ? sx.m[i] : acc_t(0);
+        const acc_t m_j = M == Metric::kCosine ? sy.m[j] : acc_t(0);
+        const epi::PairGrad<acc_t> pg =
+            epi::pair_grad_scaled<M>(w, d, m_i, m_j, sx.inv[i], sy.inv[j]);
+        P = -pg.cab;
+        Q = TRANS ? pg.cb : pg.ca;
       }
       sm.p[cc][rr] = P;
       sm.q[cc][rr] = Q;
@@ -135,8 +123,7 @@ __global__ void __launch_bounds__(kTileThreads)
   for (int i = 0; i < kPer; ++i) {
     const int64_t r = r0 + ty + kTileDim * i;
     if (r >= nOut) continue;
-    acc_t cf = sm.coef[ty + kTileDim * i];
-    if constexpr (M == Metric::kCosine) cf *= s_self.m[r];
+    const acc_t cf = sm.coef[ty + kTileDim * i];
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       const int64_t k = k0 + tx + kTileDim * j;

@@ -18,6 +18,13 @@
 // pair on its chosen (a, n); the latter are gathered with int32 atomicAdd (integer, so the
 // result does not depend on the order), converted to acc_t and differentiated through the
 // distances with pair_grad.cuh. O(R * N) memory per chunk.
+//
+// NaN rule (csrc/epilogue.h; as SemiHardRows in csrc/cpu/semi_hard.h): in an anchor row
+// holding a NaN distance the sorted keys are not used (NaN sorts after the +inf keys, see
+// loss_common.cuh); each positive's negative is chosen by the shared scan instead
+// (epi::SemiHardChoice / ArgFarthest: NaN ranks farthest, "d_an > d_ap" is false for NaN).
+// Such an anchor with a valid pair gets a NaN loss sum (valid count unchanged; the positive
+// count still counts the terms > 0) and NaN weights on every j != a.
 #include <torch/library.h>
 
 #include "internal.cuh"
@@ -36,36 +43,46 @@ constexpr int64_t semi_hard_bytes_per_elem() {
   return 4 * static_cast<int64_t>(sizeof(acc_t)) + 8 + 4;
 }
 
-// The semi-hard choice for a positive at distance d by one thread scanning anchor row d_row,
-// exactly as the CPU's scan_select: the nearest negative with d_an > d, else the farthest one;
-// ascending index with strict comparisons, so ties go to the lowest index. Q > 0 required.
+// The semi-hard choice for a positive at distance d by one thread scanning anchor row d_row
+// with the shared epilogue, exactly as the CPU's scan_select: the nearest negative with
+// d_an > d, else the farthest one; ties to the lowest index, NaN farthest. Q > 0 required.
 template <typename acc_t>
 __device__ __noinline__ void semi_hard_scan(const acc_t* __restrict__ d_row,
                                             const int64_t* __restrict__ labels, int64_t N,
                                             int64_t la, acc_t d, acc_t& dn, int64_t& n) {
-  int64_t best = -1, far = -1;
-  acc_t best_d = 0, far_d = 0;
+  epi::SemiHardChoice<acc_t> choice;
+  epi::ArgFarthest<acc_t> farthest;
   for (int64_t u = 0; u < N; ++u) {
     if (labels[u] == la) continue;
     const acc_t du = d_row[u];
-    if (far < 0 || du > far_d) {
-      far = u;
-      far_d = du;
-    }
-    if (du > d && (best < 0 || du < best_d)) {
-      best = u;
-      best_d = du;
-    }
+    farthest.update(du, u);
+    choice.update(d, du, u);
   }
-  n = best >= 0 ? best : far;
-  dn = best >= 0 ? best_d : far_d;
+  epi::semi_hard_pick(choice, farthest, &dn, &n);
+}
+
+// Wi entry of an anchor row under the NaN rule; turned into NaN by semi_hard_weights_kernel.
+// (Real entries are counts of magnitude < N, far from it.)
+constexpr int32_t kNanWeight = std::numeric_limits<int32_t>::min();
+
+// W[e] = NaN where Wi[e] == kNanWeight, else acc_t(Wi[e]).
+template <typename acc_t>
+__global__ void semi_hard_weights_kernel(const int32_t* __restrict__ Wi, int64_t n,
+                                         acc_t* __restrict__ W) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += stride) {
+    const int32_t v = Wi[e];
+    W[e] = v == kNanWeight ? epi::quiet_nan<acc_t>() : static_cast<acc_t>(v);
+  }
 }
 
 // One block per anchor row of the chunk (a = i0 + blockIdx.x).
 //   sn, in: the row's negatives' distances sorted ascending (first Q entries) and their
 //           column indices (stable sort: ascending index among equal distances).
 // kForward: loss_rows[a], valid_rows[a], pos_rows[a].
-// kBackward: Wi[row, p] = 1 and Wi[row, n] -= 1 for every active (p, n); Wi zeroed before.
+// kBackward: Wi[row, p] = 1 and Wi[row, n] -= 1 for every active (p, n); Wi zeroed before;
+//            under the NaN rule Wi[row, j] = kNanWeight for every j != a instead.
 // kMine: (a, p, n) at offsets[a] + (rank of p among a's positives).
 template <typename acc_t, SemiMode kMode>
 __global__ void __launch_bounds__(kRowThreads)
@@ -90,29 +107,40 @@ __global__ void __launch_bounds__(kRowThreads)
   const acc_t* __restrict__ d_row = Dc + row * N;
   const acc_t* __restrict__ sn = Sn + row * N;
   const int64_t* __restrict__ in = In + row * N;
+  const bool row_nan = block_row_has_nan(d_row, N);  // every thread: a barrier
+  const bool nan_terms = row_nan && P > 0 && Q > 0;
 
   double loss = 0;
   int64_t active = 0;
-  if (Q > 0) {
+  if (kMode == SemiMode::kBackward && nan_terms) {
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      if (j != a) Wi[row * N + j] = kNanWeight;  // owned: no atomics in this row
+    }
+  } else if (Q > 0) {
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
       if (j == a || labels[j] != la) continue;  // positives only
       const acc_t d = d_row[j];
-      // First sorted negative farther than the positive.
-      const int64_t t = partition_point(Q, [&](int64_t u) { return !(sn[u] > d); });
       acc_t dn;
       int64_t n;
-      if (t < Q) {
-        dn = sn[t];
-        n = in[t];
-      } else {  // none: the farthest negative, first occurrence of the largest value
-        dn = sn[Q - 1];
-        const int64_t t2 = partition_point(Q, [&](int64_t u) { return sn[u] < dn; });
-        n = in[t2];
-      }
-      if (labels[n] == la) {
-        // Only possible with +inf (or NaN) distances: the +inf sort keys of the non-negatives
-        // then tie with (or precede) negatives in the sort, and a non-negative was picked.
+      if (row_nan) {
         semi_hard_scan(d_row, labels, N, la, d, dn, n);
+      } else {
+        // First sorted negative farther than the positive.
+        const int64_t t = partition_point(Q, [&](int64_t u) { return !(sn[u] > d); });
+        if (t < Q) {
+          dn = sn[t];
+          n = in[t];
+        } else {  // none: the farthest negative, first occurrence of the largest value
+          dn = sn[Q - 1];
+          const int64_t t2 = partition_point(Q, [&](int64_t u) { return sn[u] < dn; });
+          n = in[t2];
+        }
+        if (labels[n] == la) {
+          // Only possible with +inf distances (a Gram value overflowing for huge finite
+          // rows): the +inf sort keys of the non-negatives then tie with negatives in the
+          // sort, and a non-negative was picked.
+          semi_hard_scan(d_row, labels, N, la, d, dn, n);
+        }
       }
       if constexpr (kMode == SemiMode::kForward) {
         const acc_t v = d - dn + margin;
@@ -141,7 +169,7 @@ __global__ void __launch_bounds__(kRowThreads)
     loss = block_sum(loss, sd);
     active = block_sum(active, si);
     if (threadIdx.x == 0) {
-      loss_rows[a] = loss;
+      loss_rows[a] = nan_terms ? epi::quiet_nan<double>() : loss;
       valid_rows[a] = Q > 0 ? P : 0;
       pos_rows[a] = active;
     }
@@ -217,7 +245,14 @@ struct SemiHardLoss {
             c.groups.rank.data_ptr<int64_t>(), c.N, c.i0, m, nullptr, nullptr, nullptr,
             Wi.data_ptr<int32_t>(), nullptr, nullptr, nullptr, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return Wi.to(c.Dc.scalar_type()).contiguous();
+    at::Tensor W = at::empty({c.r, c.N}, c.Dc.options());
+    const int64_t n = c.r * c.N;
+    if (n > 0) {
+      semi_hard_weights_kernel<acc_t><<<elementwise_grid(n), kElementwiseThreads, 0, c.stream>>>(
+          Wi.data_ptr<int32_t>(), n, W.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return W;
   }
 };
 

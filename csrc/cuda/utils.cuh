@@ -25,8 +25,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../checks.h"
 #include "../common.h"
@@ -47,13 +49,21 @@ inline at::ScalarType acc_scalar_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Number of SMs of the current device (used to size split-over-candidates grids).
+// Number of SMs of the current device (used to size split-over-candidates grids), queried
+// once per device and cached (the attribute cannot change while the process runs).
 inline int sm_count() {
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return sms > 0 ? sms : 1;
+  static std::mutex mutex;
+  static std::vector<int> cache;  // cache[dev]: SM count, 0 until queried
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<size_t>(dev) >= cache.size()) cache.resize(static_cast<size_t>(dev) + 1, 0);
+  if (cache[dev] == 0) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    cache[dev] = sms > 0 ? sms : 1;
+  }
+  return cache[dev];
 }
 
 // Checks that a 1-D grid of `blocks` blocks can be launched and returns it as dim3.
