@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -9,7 +10,24 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def check_no_functorch_grad() -> None:
+    """torch.func.grad / vjp / jacrev / jacfwd / jvp are not supported (the ops' autograd formulas
+    are torch.library ones, which functorch's grad transforms cannot use); vmap is."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return
+    grad_like = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    active = [i.key() for i in torch._C._functorch.get_interpreter_stack()]
+    if any(k in grad_like for k in active):
+        raise NotImplementedError(
+            "triplet_cuda does not support torch.func's differentiation transforms (torch.func.grad, vjp, "
+            "jacrev, jacfwd, jvp, hessian): the ops' autograd formulas are registered with torch.library, "
+            "which those transforms cannot use; compute gradients with torch.autograd.grad or "
+            "loss.backward() (torch.func.vmap is supported)"
+        )
+
+
 def check_embeddings(x, name: str = "embeddings") -> None:
+    check_no_functorch_grad()
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -45,6 +63,27 @@ def check_choice(value, name: str, choices: Iterable[str]) -> None:
 
 
 def check_margin(margin, name: str = "margin") -> float:
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise ValueError(f"{name} must be a finite number, got {margin!r}")
-    return float(margin)
+    """A finite real margin >= 0: a Python int / float, a numpy scalar or a 0-d real tensor (read
+    with .item(): a tensor margin costs a device sync on CUDA and a graph break under
+    torch.compile). Negative margins are refused: for the triplet losses they only shift the
+    loss to reward triplets already in order, for the contrastive loss they silently switch the
+    negative pairs off."""
+    expected = "a finite number >= 0 (Python, numpy or 0-d tensor real scalar)"
+    if isinstance(margin, torch.Tensor):
+        if margin.dim() != 0 or margin.dtype.is_complex or margin.dtype == torch.bool:
+            raise ValueError(f"{name} must be {expected}, got a {margin.dim()}-D {margin.dtype} tensor "
+                             f"with shape {tuple(margin.shape)}")
+        if margin.requires_grad:
+            raise ValueError(f"{name} must be {expected} that does not require grad (the margin is not "
+                             f"differentiable), got a tensor with requires_grad=True")
+        value = margin.item()
+    elif isinstance(margin, numbers.Real) and not isinstance(margin, bool) and type(margin).__name__ != "bool_":
+        value = margin
+    else:
+        raise ValueError(f"{name} must be {expected}, got {margin!r} ({type(margin).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be {expected}: negative margins are not supported, got {value!r}")
+    return value
