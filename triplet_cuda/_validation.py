@@ -87,3 +87,33 @@ def check_margin(margin, name: str = "margin") -> float:
     if value < 0:
         raise ValueError(f"{name} must be {expected}: negative margins are not supported, got {value!r}")
     return value
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of the device an output would live on (physical RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_triplets_fit(labels: torch.Tensor, strategy: str) -> None:
+    """mine_triplets returns three int64 tensors of T triplets: refuse when they cannot fit in the
+    device's memory (batch all has sum_a (c_a - 1)(N - c_a) triplets, cubic in N)."""
+    if strategy == "batch_hard" or torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    c = counts[inverse].double()
+    n = labels.numel()
+    per_anchor = (c - 1) * (n - c) if strategy == "batch_all" else (c - 1) * (c < n)
+    total = int(per_anchor.sum().item())
+    need = 3 * 8 * total
+    have = device_memory_bytes(labels.device)
+    if need > have:
+        raise ValueError(
+            f"mine_triplets(strategy={strategy!r}) would return {total} triplets ({need / 2**30:.1f} GiB as three "
+            f"int64 tensors) for these {n} labels, more than the memory of {labels.device} ({have / 2**30:.1f} GiB); "
+            f"use batch_all_triplet_loss / semi_hard_triplet_loss, which never materialise the triplets, or a "
+            f"smaller batch"
+        )

@@ -122,5 +122,6 @@ def mine_triplets(embeddings, labels, *, strategy="batch_hard", metric="euclidea
     the index-tuple format pytorch-metric-learning's losses accept. Not differentiable."""
     code = _check_batch(embeddings, labels, metric)
     v.check_choice(strategy, "strategy", STRATEGIES)
+    v.check_triplets_fit(labels, strategy)
     with torch.no_grad():
         return tuple(ops.mine_triplets(embeddings, labels, STRATEGIES[strategy], code))
