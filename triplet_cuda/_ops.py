@@ -61,8 +61,15 @@ for _name in FORWARD_OPS + BACKWARD_OPS:
 
 
 # ----------------------------------------------------------------------------- fake kernels
+def _fake_same_device(a, b, name_a, name_b):
+    # the dispatcher sends a call with mixed devices (say cpu embeddings, meta labels) here
+    if a.device != b.device:
+        raise RuntimeError(f"triplet_cuda: {name_b} must be on the device of {name_a} ({a.device}), got {b.device}")
+
+
 @torch.library.register_fake(_LIB + "pairwise_distance")
 def _(x, y, metric):
+    _fake_same_device(x, y, "x", "y")
     return x.new_empty((x.shape[0], y.shape[0]))
 
 
@@ -75,6 +82,7 @@ def _(grad, x, y, dist, metric):
 
 @torch.library.register_fake(_LIB + "batch_hard_mine")
 def _(embeddings, labels, metric):
+    _fake_same_device(embeddings, labels, "embeddings", "labels")
     n = embeddings.shape[0]
     dist = embeddings.new_empty((n,))
     idx = embeddings.new_empty((n,), dtype=torch.int64)
@@ -87,6 +95,7 @@ def _(grad_pos_dist, grad_neg_dist, embeddings, pos_dist, pos_idx, neg_dist, neg
 
 
 def _loss_fake(embeddings, labels, margin, metric):
+    _fake_same_device(embeddings, labels, "embeddings", "labels")
     loss = embeddings.new_empty((), dtype=_acc_dtype(embeddings.dtype))
     count = embeddings.new_empty((), dtype=torch.int64)
     return loss, count, torch.empty_like(count)
@@ -103,6 +112,7 @@ for _name in ("batch_all_loss", "semi_hard_loss", "contrastive_loss"):
 
 @torch.library.register_fake(_LIB + "mine_triplets")
 def _(embeddings, labels, strategy, metric):
+    _fake_same_device(embeddings, labels, "embeddings", "labels")
     ctx = torch.library.get_ctx()
     t = ctx.new_dynamic_size()
     idx = embeddings.new_empty((t,), dtype=torch.int64)
