@@ -7,8 +7,8 @@ onto non-contiguous values with negatives, duplicated rows, every metric, margin
 float64 / float32 (half types: test_numerics.py). Inputs are finite (the NaN / Inf rule is
 tested with the kernels' epilogue).
 
-Profiles (see docs/numerics.md): "ci" (the default: derandomized, 60 examples per test, about
-700 in all) and "long" (1000 examples per test, random seeds), chosen with
+Profiles (see docs/numerics.md): "ci" (the default: derandomized, 60 examples per test, 540
+in all over 9 tests) and "long" (1000 examples per test, random seeds), chosen with
 TRIPLET_CUDA_HYPOTHESIS_PROFILE=long (or pytest --hypothesis-profile=long). Failing examples
 found so far are pinned with @example below (regression cases).
 """
