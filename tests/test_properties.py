@@ -9,7 +9,7 @@ tested with the kernels' epilogue).
 
 Profiles (see docs/numerics.md): "ci" (the default: derandomized, 60 examples per test, 540
 in all over 9 tests) and "long" (1000 examples per test, random seeds), chosen with
-TRIPLET_CUDA_HYPOTHESIS_PROFILE=long (or pytest --hypothesis-profile=long). Failing examples
+TRIPLET_CUDA_HYPOTHESIS_PROFILE=long (this module loads the profile itself). Failing examples
 found so far are pinned with @example below (regression cases).
 """
 from __future__ import annotations
