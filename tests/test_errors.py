@@ -112,18 +112,31 @@ def test_unknown_strategy_and_mining():
         tc.TripletLoss(mining="semi_hard", soft_margin=True)
 
 
+MARGIN_EXPECTED = r"margin must be a finite number >= 0 \(Python, numpy or 0-d tensor real scalar\)"
+
+
 @pytest.mark.parametrize("fn_name", list(LOSS_FNS))
-@pytest.mark.parametrize("margin", [float("nan"), float("inf"), "0.2", None, True, torch.tensor([0.2, 0.3])])
-def test_bad_margin(fn_name, margin):
-    with pytest.raises(ValueError, match=r"margin must be a finite number, got "):
+@pytest.mark.parametrize(
+    "margin,got",
+    [(float("nan"), r", got nan"), (float("inf"), r", got inf"), ("0.2", r", got '0\.2' \(str\)"), (None, r", got None"),
+     (True, r", got True \(bool\)"), (torch.tensor([0.2, 0.3]), r", got a 1-D torch\.float32 tensor with shape \(2,\)"),
+     (torch.tensor(True), r", got a 0-D torch\.bool tensor"), (-0.1, r": negative margins are not supported, got -0\.1"),
+     (torch.tensor(-1.0), r": negative margins are not supported, got -1\.0"),
+     (torch.tensor(0.2, requires_grad=True), r" that does not require grad .*requires_grad=True")],
+    ids=["nan", "inf", "str", "None", "bool", "1-D tensor", "bool tensor", "negative", "negative tensor", "requires_grad"],
+)
+def test_bad_margin(fn_name, margin, got):
+    with pytest.raises(ValueError, match=MARGIN_EXPECTED + got):
         LOSS_FNS[fn_name](X, L, margin)
 
 
 def test_bad_margin_module():
-    with pytest.raises(ValueError, match=r"margin must be a finite number, got nan"):
+    with pytest.raises(ValueError, match=MARGIN_EXPECTED + r", got nan"):
         tc.TripletLoss(margin=float("nan"))
-    with pytest.raises(ValueError, match=r"margin must be a finite number, got inf"):
+    with pytest.raises(ValueError, match=MARGIN_EXPECTED + r", got inf"):
         tc.ContrastiveLoss(margin=float("inf"))
+    with pytest.raises(ValueError, match=MARGIN_EXPECTED + r": negative margins are not supported, got -1\.0"):
+        tc.ContrastiveLoss(margin=-1.0)
 
 
 PAIRWISE_ERRORS = [
@@ -167,3 +180,43 @@ def test_mismatched_devices_cuda(fn_name):
         BATCH_FNS[fn_name](X, L.cuda())
     with pytest.raises(ValueError, match=r"y must be on the device of x \(cuda:0\), got cpu"):
         tc.pairwise_distance(X.cuda(), X)
+
+
+# ----------------------------------------------------------------------------- direct op calls (C++ checks)
+ops = torch.ops.triplet_cuda
+X4, L4 = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+OP_ERRORS = [
+    ("pairwise 1-D x", lambda: ops.pairwise_distance(torch.randn(3), X4, 0), r"x must be a 2-D \(N, D\) tensor, got 1-D"),
+    ("pairwise int y", lambda: ops.pairwise_distance(X4, X4.long(), 0), r"y must be float32, float64, float16 or bfloat16, got Long"),
+    ("pairwise dtype", lambda: ops.pairwise_distance(X4, X4.double(), 0), r"y must have the dtype of x \(Float\), got Double"),
+    ("pairwise feature size", lambda: ops.pairwise_distance(X4, torch.randn(2, 5), 0), r"y must have the feature size of x \(3\), got 5"),
+    ("pairwise metric", lambda: ops.pairwise_distance(X4, X4, 3), r"metric must be 0 \(euclidean\), 1 \(squared_euclidean\) or 2 \(cosine\), got 3"),
+    ("pairwise metric negative", lambda: ops.pairwise_distance(X4, X4, -1), r"metric must be 0 .*got -1"),
+    ("mine 3-D embeddings", lambda: ops.batch_hard_mine(torch.randn(2, 4, 3), L4, 0), r"embeddings must be a 2-D \(N, D\) tensor, got 3-D"),
+    ("mine int embeddings", lambda: ops.batch_hard_mine(X4.int(), L4, 0), r"embeddings must be float32.*got Int"),
+    ("mine float labels", lambda: ops.batch_hard_mine(X4, L4.float(), 0), r"labels must have an integer dtype, got Float"),
+    ("mine bool labels", lambda: ops.batch_hard_mine(X4, L4.bool(), 0), r"labels must have an integer dtype, got Bool"),
+    ("mine 2-D labels", lambda: ops.batch_hard_mine(X4, L4[None], 0), r"labels must be a 1-D \(N,\) tensor, got 2-D"),
+    ("mine short labels", lambda: ops.batch_hard_mine(X4, L4[:3], 0), r"labels must have length 4 \(embeddings\.size\(0\)\), got 3"),
+    ("mine labels device", lambda: ops.batch_hard_mine(X4, L4.to("meta"), 0), r"labels must be on the device of embeddings \(cpu\), got meta"),
+    ("loss labels device", lambda: ops.batch_all_loss(X4, L4.to("meta"), 0.2, 0), r"labels must be on the device of embeddings \(cpu\), got meta"),
+    ("mine_triplets labels device", lambda: ops.mine_triplets(X4, L4.to("meta"), 0, 0), r"labels must be on the device of embeddings \(cpu\), got meta"),
+    ("pairwise y device", lambda: ops.pairwise_distance(X4, X4.to("meta"), 0), r"y must be on the device of x \(cpu\), got meta"),
+    ("mine metric", lambda: ops.batch_hard_mine(X4, L4, 7), r"metric must be 0 .*got 7"),
+    ("loss metric", lambda: ops.batch_all_loss(X4, L4, 0.2, 9), r"metric must be 0 .*got 9"),
+    ("loss labels", lambda: ops.semi_hard_loss(X4, L4[:2], 0.2, 0), r"labels must have length 4 .*got 2"),
+    ("loss embeddings", lambda: ops.contrastive_loss(torch.randn(4), L4, 1.0, 0), r"embeddings must be a 2-D \(N, D\) tensor, got 1-D"),
+    ("mine_triplets strategy", lambda: ops.mine_triplets(X4, L4, 3, 0),
+     r"strategy must be 0 \(batch_hard\), 1 \(batch_all\) or 2 \(semi_hard\), got 3"),
+    ("mine_triplets metric", lambda: ops.mine_triplets(X4, L4, 0, 5), r"metric must be 0 .*got 5"),
+    ("hard backward idx dtype", lambda: ops.batch_hard_mine_backward(
+        torch.zeros(4), torch.zeros(4), X4, torch.zeros(4), torch.zeros(4, dtype=torch.int32), torch.zeros(4),
+        torch.zeros(4, dtype=torch.long), 0), r"pos_idx and neg_idx must be int64, got Int and Long"),
+]
+
+
+@pytest.mark.parametrize("case", OP_ERRORS, ids=[c[0] for c in OP_ERRORS])
+def test_direct_op_errors(case):
+    _, call, pattern = case
+    with pytest.raises(RuntimeError, match=r"triplet_cuda: " + pattern):
+        call()

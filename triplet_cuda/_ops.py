@@ -1,8 +1,15 @@
-"""The custom ops: fake (meta) kernels for torch.compile and autograd formulas.
+"""The custom ops: fake (meta) kernels, autocast rules and autograd formulas.
 
 The C++/CUDA kernels are registered by the compiled library (see _loader); this module
 adds what torch.library wants from Python: register_fake for every op (so torch.compile
-traces them) and register_autograd for every forward op, whose backward is its own op.
+traces them), register_autocast (every op runs in float32 under torch.autocast) and
+register_autograd for every forward op, whose backward is its own op.
+
+Higher-order gradients: when a backward runs with create_graph=True, pairwise_distance and
+batch_hard_mine compute their gradient with pure-PyTorch formulas (O(N*M) and O(N*D)) that
+autograd differentiates again exactly; the dense loss ops (batch all, semi hard, contrastive)
+have no second derivative, and their backward ops raise a clear error the moment one is
+requested. The backward ops themselves are not differentiable when called directly.
 """
 from __future__ import annotations
 
@@ -19,13 +26,50 @@ ops = torch.ops.triplet_cuda
 _LIB = "triplet_cuda::"
 
 
+COSINE_EPS = 1e-8  # the norm floor of the cosine metric (csrc/common.h kCosineEps)
+
+FORWARD_OPS = ("pairwise_distance", "batch_hard_mine", "batch_all_loss", "semi_hard_loss", "contrastive_loss",
+               "mine_triplets")
+BACKWARD_OPS = ("pairwise_distance_backward", "batch_hard_mine_backward", "batch_all_loss_backward",
+                "semi_hard_loss_backward", "contrastive_loss_backward")
+# the public loss function of each dense loss op, for error messages
+_LOSS_NAMES = {"batch_all_loss": "batch_all_triplet_loss", "semi_hard_loss": "semi_hard_triplet_loss",
+               "contrastive_loss": "contrastive_loss"}
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def result_dtype(embeddings: torch.Tensor) -> torch.dtype:
+    """The dtype of a loss / distance of `embeddings`: their own dtype, or float32 inside a
+    torch.autocast region of their device (the ops run in float32 there, see below)."""
+    if embeddings.dtype != torch.float64 and torch.is_autocast_enabled(embeddings.device.type):
+        return torch.float32
+    return embeddings.dtype
+
+
+# ----------------------------------------------------------------------------- autocast
+# Under torch.autocast every op casts its floating inputs (float16 / bfloat16 / float32; float64
+# stays) to float32 and runs with autocast disabled, so the GEMM inside the kernels is not
+# autocast to a half type and the math is float32 throughout. Backward ops too: loss.backward()
+# may be called inside the autocast region.
+for _name in FORWARD_OPS + BACKWARD_OPS:
+    for _device_type in ("cpu", "cuda"):
+        if torch.amp.is_autocast_available(_device_type):
+            torch.library.register_autocast(_LIB + _name, _device_type, torch.float32)
+
+
 # ----------------------------------------------------------------------------- fake kernels
+def _fake_same_device(a, b, name_a, name_b):
+    # the dispatcher sends a call with mixed devices (say cpu embeddings, meta labels) here
+    if a.device != b.device:
+        raise RuntimeError(f"triplet_cuda: {name_b} must be on the device of {name_a} ({a.device}), got {b.device}")
+
+
 @torch.library.register_fake(_LIB + "pairwise_distance")
 def _(x, y, metric):
+    _fake_same_device(x, y, "x", "y")
     return x.new_empty((x.shape[0], y.shape[0]))
 
 
@@ -38,6 +82,7 @@ def _(grad, x, y, dist, metric):
 
 @torch.library.register_fake(_LIB + "batch_hard_mine")
 def _(embeddings, labels, metric):
+    _fake_same_device(embeddings, labels, "embeddings", "labels")
     n = embeddings.shape[0]
     dist = embeddings.new_empty((n,))
     idx = embeddings.new_empty((n,), dtype=torch.int64)
@@ -50,6 +95,7 @@ def _(grad_pos_dist, grad_neg_dist, embeddings, pos_dist, pos_idx, neg_dist, neg
 
 
 def _loss_fake(embeddings, labels, margin, metric):
+    _fake_same_device(embeddings, labels, "embeddings", "labels")
     loss = embeddings.new_empty((), dtype=_acc_dtype(embeddings.dtype))
     count = embeddings.new_empty((), dtype=torch.int64)
     return loss, count, torch.empty_like(count)
@@ -66,6 +112,7 @@ for _name in ("batch_all_loss", "semi_hard_loss", "contrastive_loss"):
 
 @torch.library.register_fake(_LIB + "mine_triplets")
 def _(embeddings, labels, strategy, metric):
+    _fake_same_device(embeddings, labels, "embeddings", "labels")
     ctx = torch.library.get_ctx()
     t = ctx.new_dynamic_size()
     idx = embeddings.new_empty((t,), dtype=torch.int64)
@@ -79,8 +126,44 @@ def _pairwise_setup(ctx, inputs, output):
     ctx.metric = metric
 
 
+def _inv_norm_and_scale(x):
+    """1 / max(||x||, eps) and s = 1 / ||x||^2 (0 where ||x|| <= eps), per row, differentiable
+    without NaN at zero rows (the cosine kernels' aux and scale)."""
+    sq = x.square().sum(1)
+    big = sq > COSINE_EPS * COSINE_EPS
+    safe = torch.where(big, sq, torch.ones_like(sq))
+    inv = torch.where(big, safe.rsqrt(), torch.full_like(sq, 1.0 / COSINE_EPS))
+    scale = torch.where(big, safe.reciprocal(), torch.zeros_like(sq))
+    return inv, scale
+
+
+def _pairwise_grad_torch(grad, x, y, dist, metric):
+    """The gradient of pairwise_distance in pure PyTorch (differentiable again): the formulas of
+    csrc/cpu/distance.cpp. dist is the forward's output (itself differentiable in x, y)."""
+    grad = grad.to(dist.dtype)
+    if metric == METRICS["cosine"]:
+        inv_x, s_x = _inv_norm_and_scale(x)
+        inv_y, s_y = _inv_norm_and_scale(y)
+        k = grad * inv_x[:, None] * inv_y[None, :]       # cross coefficients
+        q = grad * (1 - dist)                              # self coefficients (times s)
+        gx = -(k @ y) + (q.sum(1) * s_x)[:, None] * x
+        gy = -(k.T @ x) + (q.sum(0) * s_y)[:, None] * y
+        return gx, gy
+    if metric == METRICS["euclidean"]:
+        pos = dist > 0
+        w = torch.where(pos, grad / torch.where(pos, dist, torch.ones_like(dist)), torch.zeros_like(dist))
+    else:
+        w = 2 * grad
+    gx = w.sum(1)[:, None] * x - w @ y
+    gy = w.sum(0)[:, None] * y - w.T @ x
+    return gx, gy
+
+
 def _pairwise_backward(ctx, grad):
     x, y, dist = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        gx, gy = _pairwise_grad_torch(grad, x, y, dist, ctx.metric)
+        return gx.to(x.dtype), gy.to(y.dtype), None
     gx, gy = ops.pairwise_distance_backward(grad, x, y, dist, ctx.metric)
     return gx, gy, None
 
@@ -94,12 +177,49 @@ def _hard_setup(ctx, inputs, output):
     ctx.metric = metric
 
 
+def _pair_grad_torch(a, b, metric):
+    """Rows a, b (K, D) -> (d d(a_k, b_k) / d a_k, d d / d b_k), each (K, D), in pure PyTorch
+    (differentiable again; the gradient of the Euclidean distance at 0 is 0, no NaN)."""
+    r = a - b
+    if metric == METRICS["squared_euclidean"]:
+        return 2 * r, -2 * r
+    if metric == METRICS["euclidean"]:
+        sq = r.square().sum(1)
+        pos = sq > 0
+        inv = torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).rsqrt(), torch.zeros_like(sq))
+        u = r * inv[:, None]
+        return u, -u
+    inv_a, s_a = _inv_norm_and_scale(a)
+    inv_b, s_b = _inv_norm_and_scale(b)
+    inv_ab = (inv_a * inv_b)[:, None]
+    c = (a * b).sum(1, keepdim=True) * inv_ab
+    return -(b * inv_ab - c * s_a[:, None] * a), -(a * inv_ab - c * s_b[:, None] * b)
+
+
+def _hard_grad_torch(g_pos, g_neg, embeddings, pos_idx, neg_idx, metric):
+    """The gradient of batch_hard_mine over the mined pairs in pure PyTorch, O(N * D):
+    differentiable again (exact double backward), used when create_graph=True."""
+    acc = _acc_dtype(embeddings.dtype)
+    e = embeddings.to(acc)
+    grad = torch.zeros_like(e)
+    anchors = torch.arange(e.shape[0], device=e.device)
+    for g, idx in ((g_pos, pos_idx), (g_neg, neg_idx)):
+        keep = idx >= 0
+        a, b = anchors[keep], idx[keep]
+        ga, gb = _pair_grad_torch(e[a], e[b], metric)
+        w = g.to(acc)[keep][:, None]
+        grad = grad.index_add(0, a, w * ga).index_add(0, b, w * gb)
+    return grad.to(embeddings.dtype)
+
+
 def _hard_backward(ctx, g_pos_dist, g_pos_idx, g_neg_dist, g_neg_idx):
     embeddings, pos_dist, pos_idx, neg_dist, neg_idx = ctx.saved_tensors
     if g_pos_dist is None:
         g_pos_dist = torch.zeros_like(pos_dist)
     if g_neg_dist is None:
         g_neg_dist = torch.zeros_like(neg_dist)
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        return _hard_grad_torch(g_pos_dist, g_neg_dist, embeddings, pos_idx, neg_idx, ctx.metric), None, None
     grad = ops.batch_hard_mine_backward(
         g_pos_dist, g_neg_dist, embeddings, pos_dist, pos_idx, neg_dist, neg_idx, ctx.metric
     )
@@ -131,3 +251,31 @@ for _name in ("batch_all_loss", "semi_hard_loss", "contrastive_loss"):
         _make_loss_backward(getattr(ops, _name + "_backward")),
         setup_context=_loss_setup,
     )
+
+
+# ----------------------------------------------------------------------------- second derivatives
+# The backward ops are not differentiable themselves: differentiating one (a gradient penalty,
+# gradgradcheck, a Hessian) raises here instead of torch's silent "no autograd kernel" zero.
+def _no_double_backward(name):
+    if name in _LOSS_NAMES:
+        msg = (f"triplet_cuda: the second derivative of {_LOSS_NAMES[name]} is not implemented (its "
+               f"backward, triplet_cuda::{name}_backward, is not differentiable); batch_hard_triplet_loss, "
+               f"batch_hard_mine and pairwise_distance support double backward")
+    else:
+        fwd = name[: -len("_backward")]
+        msg = (f"triplet_cuda: triplet_cuda::{name} is not differentiable when called directly; "
+               f"differentiate {fwd} with create_graph=True instead (it takes an exact, differentiable "
+               f"pure-PyTorch path then)")
+
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(msg)
+
+    return backward, setup
+
+
+for _name in BACKWARD_OPS:
+    _bw, _setup = _no_double_backward(_name[: -len("_backward")] if _name.endswith("_loss_backward") else _name)
+    torch.library.register_autograd(_LIB + _name, _bw, setup_context=_setup)

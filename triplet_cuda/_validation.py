@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -9,7 +10,24 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def check_no_functorch_grad() -> None:
+    """torch.func.grad / vjp / jacrev / jacfwd / jvp are not supported (the ops' autograd formulas
+    are torch.library ones, which functorch's grad transforms cannot use); vmap is."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return
+    grad_like = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    active = [i.key() for i in torch._C._functorch.get_interpreter_stack()]
+    if any(k in grad_like for k in active):
+        raise NotImplementedError(
+            "triplet_cuda does not support torch.func's differentiation transforms (torch.func.grad, vjp, "
+            "jacrev, jacfwd, jvp, hessian): the ops' autograd formulas are registered with torch.library, "
+            "which those transforms cannot use; compute gradients with torch.autograd.grad or "
+            "loss.backward() (torch.func.vmap is supported)"
+        )
+
+
 def check_embeddings(x, name: str = "embeddings") -> None:
+    check_no_functorch_grad()
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -45,6 +63,57 @@ def check_choice(value, name: str, choices: Iterable[str]) -> None:
 
 
 def check_margin(margin, name: str = "margin") -> float:
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise ValueError(f"{name} must be a finite number, got {margin!r}")
-    return float(margin)
+    """A finite real margin >= 0: a Python int / float, a numpy scalar or a 0-d real tensor (read
+    with .item(): a tensor margin costs a device sync on CUDA and a graph break under
+    torch.compile). Negative margins are refused: for the triplet losses they only shift the
+    loss to reward triplets already in order, for the contrastive loss they silently switch the
+    negative pairs off."""
+    expected = "a finite number >= 0 (Python, numpy or 0-d tensor real scalar)"
+    if isinstance(margin, torch.Tensor):
+        if margin.dim() != 0 or margin.dtype.is_complex or margin.dtype == torch.bool:
+            raise ValueError(f"{name} must be {expected}, got a {margin.dim()}-D {margin.dtype} tensor "
+                             f"with shape {tuple(margin.shape)}")
+        if margin.requires_grad:
+            raise ValueError(f"{name} must be {expected} that does not require grad (the margin is not "
+                             f"differentiable), got a tensor with requires_grad=True")
+        value = margin.item()
+    elif isinstance(margin, numbers.Real) and not isinstance(margin, bool) and type(margin).__name__ != "bool_":
+        value = margin
+    else:
+        raise ValueError(f"{name} must be {expected}, got {margin!r} ({type(margin).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be {expected}: negative margins are not supported, got {value!r}")
+    return value
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of the device an output would live on (physical RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_triplets_fit(labels: torch.Tensor, strategy: str) -> None:
+    """mine_triplets returns three int64 tensors of T triplets: refuse when they cannot fit in the
+    device's memory (batch all has sum_a (c_a - 1)(N - c_a) triplets, cubic in N)."""
+    if strategy == "batch_hard" or torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    c = counts[inverse].double()
+    n = labels.numel()
+    per_anchor = (c - 1) * (n - c) if strategy == "batch_all" else (c - 1) * (c < n)
+    total = int(per_anchor.sum().item())
+    need = 3 * 8 * total
+    have = device_memory_bytes(labels.device)
+    if need > have:
+        raise ValueError(
+            f"mine_triplets(strategy={strategy!r}) would return {total} triplets ({need / 2**30:.1f} GiB as three "
+            f"int64 tensors) for these {n} labels, more than the memory of {labels.device} ({have / 2**30:.1f} GiB); "
+            f"use batch_all_triplet_loss / semi_hard_triplet_loss, which never materialise the triplets, or a "
+            f"smaller batch"
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _validation as v
-from ._ops import METRICS, STRATEGIES, ops
+from ._ops import METRICS, STRATEGIES, ops, result_dtype
 from ._types import HardMining, TripletStats
 
 REDUCTIONS = ("mean", "mean_nonzero", "sum")
@@ -76,9 +76,9 @@ def batch_hard_triplet_loss(embeddings, labels, margin=0.2, *, metric="euclidean
     num_valid = valid.sum()
     num_positive = (terms > 0).sum()
     if reduction == "none":
-        loss = terms.to(embeddings.dtype)
+        loss = terms.to(result_dtype(embeddings))
     else:
-        loss = _reduce_sum(terms.sum(), num_valid, num_positive, reduction, embeddings.dtype)
+        loss = _reduce_sum(terms.sum(), num_valid, num_positive, reduction, result_dtype(embeddings))
     return (loss, _stats(num_valid, num_positive)) if return_stats else loss
 
 
@@ -87,7 +87,7 @@ def _fused_loss(op, embeddings, labels, margin, metric, reduction, reductions, r
     margin = v.check_margin(margin)
     v.check_choice(reduction, "reduction", reductions)
     loss_sum, num_valid, num_positive = op(embeddings, labels, margin, code)
-    loss = _reduce_sum(loss_sum, num_valid, num_positive, reduction, embeddings.dtype)
+    loss = _reduce_sum(loss_sum, num_valid, num_positive, reduction, result_dtype(embeddings))
     return (loss, _stats(num_valid, num_positive)) if return_stats else loss
 
 
@@ -122,5 +122,6 @@ def mine_triplets(embeddings, labels, *, strategy="batch_hard", metric="euclidea
     the index-tuple format pytorch-metric-learning's losses accept. Not differentiable."""
     code = _check_batch(embeddings, labels, metric)
     v.check_choice(strategy, "strategy", STRATEGIES)
+    v.check_triplets_fit(labels, strategy)
     with torch.no_grad():
         return tuple(ops.mine_triplets(embeddings, labels, STRATEGIES[strategy], code))
