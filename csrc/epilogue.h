@@ -218,7 +218,22 @@ struct SemiHardChoice {
   TC_HOST_DEVICE inline void update(T d_ap, T d_an, int64_t j) {
     if (d_an > d_ap) outside.update(d_an, j);
   }
+  // The same with "d_an > d_ap" decided by the caller (see near_tie).
+  TC_HOST_DEVICE inline void update_if(bool farther, T d_an, int64_t j) {
+    if (farther) outside.update(d_an, j);
+  }
 };
+
+// Two Gram-form distances this close may be an exact tie that rounding broke (a negative
+// duplicating the positive: d_an == d_ap exactly, but the Gram form can put one an ulp
+// higher). Semi hard's strict "d_an > d_ap" is then decided on exact distances recomputed
+// from the rows, so duplicates are ties on every backend, as in the reference.
+template <typename T>
+TC_HOST_DEVICE inline bool near_tie(T x, T y) {
+  const T diff = x > y ? x - y : y - x;
+  const T mag = (x > T(0) ? x : -x) + (y > T(0) ? y : -y);
+  return diff <= gram_near_zero<T>() * mag;
+}
 
 // Semi-hard term: the chosen negative is `outside` if one exists, else the farthest negative.
 template <typename T>

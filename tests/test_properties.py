@@ -262,7 +262,8 @@ def test_joint_scaling(data, loss, s):
 # positive 16. Semi hard wants a negative strictly farther than d_ap; the Gram form puts d(14, 5)
 # 1 ulp above d(14, 16) (float64: 0.9106340263794239 vs ...234), so the kernel picks 5 where the
 # reference, from differences, does not: 23.4888 vs 23.3729 (loss sum). Reported to the lead
-# (issue 9: the per-element epilogue); strict xfail, so the fix shows up here.
+# (issue 9: the per-element epilogue). Fixed by the near-tie rule (epi::near_tie): such
+# comparisons are decided on exact distances (CPU fused path).
 DUP_X = torch.tensor([[-2.3104, -0.3733], [-1.0608, 0.9995], [-0.8840, -1.2755], [-0.6232, -0.8664],
                       [-1.2956, 1.5236], [0.3237, 2.0177], [1.1357, -1.2269], [0.0714, 0.3380],
                       [0.1535, -0.6333], [-1.2609, -0.7270], [-0.0200, 0.2103], [1.1665, 0.9262],
@@ -272,8 +273,6 @@ DUP_LABELS = torch.tensor([1273, -873, -873, 1273, -873, -873, -873, -873, -873,
                            1273, -873, 1273, 1273, 1273, 1273, 1273])
 
 
-@pytest.mark.xfail(strict=True, reason="semi hard: a negative duplicating the positive is an exact tie that "
-                                       "the Gram form breaks by 1 ulp (reported; issue 9 epilogue)")
 def test_semi_hard_duplicate_tie_regression():
     got = tc.semi_hard_triplet_loss(DUP_X, DUP_LABELS, 0.3, reduction="sum")
     ref = R.semi_hard_triplet_loss(DUP_X, DUP_LABELS, 0.3, reduction="sum")

@@ -56,6 +56,19 @@ Triplets semi_hard_triplets(const Prepared& p, const at::Tensor& lab, Metric m) 
   std::vector<std::vector<std::pair<int64_t, int64_t>>> rows(N);
   AT_DISPATCH_FLOATING_TYPES(p.e.scalar_type(), "semi_hard_triplets", [&] {
     TC_METRIC_SWITCH(m, kM, [&] {
+      const int64_t* l = lab.data_ptr<int64_t>();
+      const Positives<scalar_t> pos = collect_positives<scalar_t, kM>(p, l);
+      if (pos.fits) {  // the loss's own fused selection
+        const SemiHardMined<scalar_t> mined = mine_fused<scalar_t, kM>(p, l, pos);
+        constexpr int K = kFusedMaxPositives;
+        for (int64_t a = 0; a < N; ++a) {
+          if (pos.negatives[a] == 0) continue;
+          for (int k = 0; k < pos.count[a]; ++k) {
+            rows[a].emplace_back(pos.idx[a * K + k], mined.neg[a * K + k]);
+          }
+        }
+        return;
+      }
       const SemiHardRows<scalar_t, kM> policy(lab.data_ptr<int64_t>(), N, scalar_t(0));
       for_each_distance_row<scalar_t, kM>(p, p, [&](int64_t a, const scalar_t* d) {
         policy.for_each_pair(a, d, [&](int64_t j, const auto& n, scalar_t) {

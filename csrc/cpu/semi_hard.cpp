@@ -8,49 +8,11 @@
 
 #include <optional>
 
-#include "fused.h"
 #include "semi_hard.h"
 
 namespace triplet_cuda {
 namespace cpu {
 namespace {
-
-// Per (anchor a, its k-th positive): the chosen negative and its distance; any_nan when a
-// valid anchor's row holds a NaN distance (the NaN rule).
-template <typename T>
-struct SemiHardMined {
-  std::vector<int64_t> neg;  // (N, K), -1 where the anchor has no negative
-  std::vector<T> neg_dist;   // (N, K)
-  bool any_nan = false;
-};
-
-template <typename T, Metric M>
-SemiHardMined<T> mine_fused(const Prepared& p, const int64_t* lab, const Positives<T>& pos) {
-  const int64_t N = p.rows();
-  constexpr int K = kFusedMaxPositives;
-  std::vector<epi::SemiHardChoice<T>> choice(N * K);
-  std::vector<epi::ArgFarthest<T>> farthest(N);
-  std::vector<char> nan(N, 0);
-  upper_triangle_pass<T, M>(p, lab, sizeof(T), [&](int64_t a, int64_t c, T d) {
-    farthest[a].update(d, c);
-    nan[a] |= epi::is_nan(d);
-    const T* dap = pos.dist.data() + a * K;
-    epi::SemiHardChoice<T>* ch = choice.data() + a * K;
-    for (int k = 0; k < pos.count[a]; ++k) ch[k].update(dap[k], d, c);
-  });
-  SemiHardMined<T> r;
-  r.neg.assign(N * K, -1);
-  r.neg_dist.assign(N * K, T(0));
-  for (int64_t a = 0; a < N; ++a) {
-    if (pos.count[a] == 0 || pos.negatives[a] == 0) continue;
-    r.any_nan |= nan[a] != 0;
-    for (int k = 0; k < pos.count[a]; ++k) {
-      r.any_nan |= epi::is_nan(pos.dist[a * K + k]);
-      epi::semi_hard_pick(choice[a * K + k], farthest[a], &r.neg_dist[a * K + k], &r.neg[a * K + k]);
-    }
-  }
-  return r;
-}
 
 // embeddings: (N, D), labels: (N,) -> (loss_sum 0-d accumulation dtype, num_valid 0-d int64,
 // num_positive 0-d int64).
