@@ -13,12 +13,15 @@ small so that four sanitizer passes fit in a few minutes:
 * labels with several members per class, singletons and one far label value; two exact
   duplicate rows (the exact recompute of near-zero Gram distances), one of them also in y;
 * every metric, every op forward and backward, and each mining strategy, in both dtypes;
-* embeddings that are random multiples of 1/4 in [-3/4, 3/4]: exact in every dtype, so the
-  kernels' products and squared distances are exact in float32, and with the Euclidean
-  metrics their choices (hardest pair, semi-hard negative, active term, ties to the lowest
-  index) equal the float64 reference's exactly: only the rounding of the returned values is
-  tolerated, and a wrong index or a missed row shows as a plain mismatch. (Cosine distances
-  are rounded; its mined indices are checked up to near-ties.)
+* for the Euclidean metrics, embeddings that are random multiples of 1/4 in [-3/4, 3/4]:
+  exact in every dtype, so the kernels' products and squared distances are exact in float32
+  and their choices (hardest pair, semi-hard negative, active term, ties to the lowest index)
+  equal the float64 reference's exactly; for cosine, normal random embeddings (quantized
+  vectors have exactly tied cosines that rounding breaks either way), whose mined indices are
+  checked up to near-ties;
+* batch hard and semi hard: the choices are checked against the reference, then the loss and
+  its gradient against the reference computed on those choices, so a near-tie cannot turn
+  into a gradient mismatch.
 
 Kernels and the cases that launch them:
 
@@ -58,55 +61,86 @@ pytestmark = [
     pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs_cuda: torch.cuda.is_available() is False"),
 ]
 DEVICE = "cuda"
-
-# name -> (function, reference, margin)
-LOSSES = {
-    "batch_hard": (tc.batch_hard_triplet_loss, R.batch_hard_triplet_loss, 0.7),
-    "batch_all": (tc.batch_all_triplet_loss, R.batch_all_triplet_loss, 0.7),
-    "semi_hard": (tc.semi_hard_triplet_loss, R.semi_hard_triplet_loss, 0.7),
-    "contrastive": (tc.contrastive_loss, R.contrastive_loss, 1.5),
-}
+MARGIN = {"batch_hard": 0.7, "batch_all": 0.7, "semi_hard": 0.7, "contrastive": 1.5}
 
 
-def quarters(n, d, g):
-    """(n, d) float64 random multiples of 1/4 in [-3/4, 3/4] (exact in float16 too)."""
-    return torch.randint(-3, 4, (n, d), generator=g).double() / 4
-
-
-def sanitize_batch(d, dtype, seed):
-    """(N, d) embeddings in dtype (on the CPU) and int64 labels: ~40 classes of a few members,
-    some singletons, one far label value; rows 100 and 3 are exact duplicates."""
+def sanitize_batch(d, dtype, metric, seed, n=N):
+    """(n, d) embeddings in dtype (on the CPU) and int64 labels: ~40 classes of a few members,
+    some singletons, one far label value; rows 100 and 3 are exact duplicates. Multiples of 1/4
+    for the Euclidean metrics, normal for cosine (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
-    x = quarters(N, d, g).to(dtype)
-    x[100] = x[3]
-    labels = torch.randint(0, 40, (N,), generator=g)
+    if metric == "cosine":
+        x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    else:
+        x = (torch.randint(-3, 4, (n, d), generator=g).double() / 4).to(dtype)
+    x[100 % n] = x[3]
+    labels = torch.randint(0, 40, (n,), generator=g)
     labels[7] = 10**12  # a singleton with a label far from the others
     return x, labels
 
 
-def loss_tolerances(dtype, name):
-    """(rtol, atol) of a loss or its gradient (atol to be scaled by the gradient's magnitude):
+def tol(dtype, name):
+    """(rtol, atol) of a loss or a gradient (atol to be scaled by the gradient's magnitude):
     the half dtypes round the returned value (batch hard also its mined distances)."""
     if dtype == torch.float16:
         return (1e-2, 1e-2) if name == "batch_hard" else (4e-3, 4e-3)
     return tolerances(dtype)
 
 
+def check_value(out, ref, dtype, name, msg):
+    assert out.dtype == dtype and out.shape == ref.shape, msg
+    if ref.abs().item() > torch.finfo(dtype).max:  # not representable: the half result is inf
+        assert torch.isinf(out).item(), f"{msg}: {out.item()} for {ref.item()}"
+        return
+    rtol, atol = tol(dtype, name)
+    assert_close(out, ref, dtype, msg=msg, rtol=rtol, atol=atol)
+
+
 def check_grad(grad, ref_grad, dtype, name, msg):
     assert grad.dtype == dtype and grad.shape == ref_grad.shape, msg
     assert torch.isfinite(grad).all(), f"{msg}: non-finite gradient"
-    rtol, atol = loss_tolerances(dtype, name)
+    rtol, atol = tol(dtype, name)
     scale = max(1.0, ref_grad.abs().max().item())
     assert_close(grad, ref_grad, dtype, msg=msg, rtol=rtol, atol=atol * scale)
 
 
+def check_hard_choice(idx, labels, dist, want_idx, metric, dtype, positive, msg):
+    """Batch-hard indices (N,) against the reference's: equal (exact distances), or for cosine
+    a positive / negative of the anchor as far / near as the reference's, within tolerance."""
+    if metric != "cosine":
+        assert torch.equal(idx, want_idx), msg
+        return
+    assert torch.equal(idx >= 0, want_idx >= 0), msg
+    rows = torch.nonzero(want_idx >= 0)[:, 0]
+    same = labels[idx[rows]] == labels[rows]
+    assert bool(same.all() if positive else not same.any()), f"{msg}: an index with the wrong label"
+    assert (idx[rows] != rows).all(), f"{msg}: the anchor itself"
+    rtol, atol = tolerances(dtype)
+    assert_close(dist[rows, idx[rows]], dist[rows, want_idx[rows]], dtype, msg=msg, rtol=rtol, atol=atol)
+
+
+def check_semi_hard_choice(got, want, dist, dtype, msg):
+    """Semi-hard triplets (a, p, n) against the reference's: the same (a, p); each negative the
+    reference's, or differing only where a decisive distance is within tolerance of another
+    (two candidates, or a candidate and d(a, p)): near-ties that rounding may break either way."""
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), msg
+    a, p, n_got, n_ref = got[0], got[1], got[2], want[2]
+    rtol, atol = tolerances(dtype)
+    d_ap, d_got, d_ref = dist[a, p], dist[a, n_got], dist[a, n_ref]
+
+    def near(u, v):
+        return (u - v).abs() <= atol + rtol * v.abs()
+
+    ok = (n_got == n_ref) | near(d_got, d_ref) | near(d_ref, d_ap) | near(d_got, d_ap)
+    assert ok.all(), f"{msg}: {int((~ok).sum())} semi-hard negatives differ beyond near-ties"
+
+
 @pytest.mark.parametrize("dtype,d,metric", CASES)
 def test_sanitize_pairwise_distance(dtype, d, metric, device=DEVICE):
-    x0, _ = sanitize_batch(d, dtype, seed=1)
-    g = torch.Generator().manual_seed(2)
-    y0 = quarters(M, d, g).to(dtype)
+    x0, _ = sanitize_batch(d, dtype, metric, seed=1)
+    y0, _ = sanitize_batch(d, dtype, metric, seed=2, n=M)
     y0[5] = x0[17]  # a zero distance between x and y
-    w = torch.randn(N, M, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(N, M, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
     x = x0.clone().to(device).requires_grad_()
     y = y0.clone().to(device).requires_grad_()
     out = tc.pairwise_distance(x, y, metric=metric)
@@ -122,33 +156,29 @@ def test_sanitize_pairwise_distance(dtype, d, metric, device=DEVICE):
 
 @pytest.mark.parametrize("dtype,d,metric", CASES)
 def test_sanitize_batch_hard(dtype, d, metric, device=DEVICE):
-    x0, labels = sanitize_batch(d, dtype, seed=3)
+    x0, labels = sanitize_batch(d, dtype, metric, seed=4)
     x = x0.clone().to(device).requires_grad_()
     lab = labels.to(device)
     msg = f"batch_hard {metric} {dtype} D={d}"
-    # the mining op: indices are valid and extreme (near-ties may pick either), distances match
+    # the mining op: the choices, and the distances it returns
     m = tc.batch_hard_mine(x.detach(), lab, metric=metric)
     r = R.batch_hard_mine(x0.double(), labels, metric=metric)
     dist = R.pairwise_distance(x0.double(), metric=metric)
-    valid = r.pos_idx >= 0
-    assert torch.equal(m.pos_idx.cpu() >= 0, valid) and torch.equal(m.neg_idx.cpu() >= 0, valid), msg
-    rows = torch.nonzero(valid)[:, 0]
-    for got_idx, got_dist, want_idx, want_dist, same in [(m.pos_idx, m.pos_dist, r.pos_idx, r.pos_dist, True),
-                                                         (m.neg_idx, m.neg_dist, r.neg_idx, r.neg_dist, False)]:
-        idx = got_idx.cpu()[rows]
-        if metric != "cosine":  # exact distances: the same choice, ties to the lowest index
-            assert torch.equal(got_idx.cpu(), want_idx), msg
-        assert torch.equal(labels[idx] == labels[rows], torch.full_like(rows, same, dtype=torch.bool)), msg
-        assert_close(got_dist.cpu()[rows], want_dist[rows], dtype, msg=msg)
-        assert_close(dist[rows, idx], want_dist[rows], dtype, msg=msg + " (distance of the mined index)")
-    # the loss and its backward (hard_pair_keys_kernel, hard_backward_kernel)
-    fn, ref_fn, margin = LOSSES["batch_hard"]
-    out, stats = fn(x, lab, margin, metric=metric, reduction="sum", return_stats=True)
+    pi, ni = m.pos_idx.cpu(), m.neg_idx.cpu()
+    check_hard_choice(pi, labels, dist, r.pos_idx, metric, dtype, True, msg + " pos_idx")
+    check_hard_choice(ni, labels, dist, r.neg_idx, metric, dtype, False, msg + " neg_idx")
+    assert_close(m.pos_dist, r.pos_dist, dtype, msg=msg + " pos_dist")
+    assert_close(m.neg_dist, r.neg_dist, dtype, msg=msg + " neg_dist")
+    # the loss and its backward (hard_pair_keys_kernel, hard_backward_kernel), against the
+    # reference computed on the kernel's choices
+    out, stats = tc.batch_hard_triplet_loss(x, lab, MARGIN["batch_hard"], metric=metric, reduction="sum",
+                                            return_stats=True)
     xr = x0.double().requires_grad_()
-    ref, ref_stats = ref_fn(xr, labels, margin, metric=metric, reduction="sum", return_stats=True)
-    assert_close(out, ref, dtype, msg=msg, rtol=loss_tolerances(dtype, "batch_hard")[0],
-                 atol=loss_tolerances(dtype, "batch_hard")[1])
-    assert stats.num_valid.item() == ref_stats.num_valid.item(), msg
+    rows = torch.nonzero(pi >= 0)[:, 0]
+    dr = R.pairwise_distance(xr, metric=metric)
+    ref = torch.relu(dr[rows, pi[rows]] - dr[rows, ni[rows]] + MARGIN["batch_hard"]).sum()
+    check_value(out, ref, dtype, "batch_hard", msg)
+    assert stats.num_valid.item() == int((r.pos_idx >= 0).sum()), msg
     out.backward()
     ref.backward()
     check_grad(x.grad, xr.grad, dtype, "batch_hard", msg + " grad")
@@ -157,16 +187,27 @@ def test_sanitize_batch_hard(dtype, d, metric, device=DEVICE):
 @pytest.mark.parametrize("name", ["batch_all", "semi_hard", "contrastive"])
 @pytest.mark.parametrize("dtype,d,metric", CASES)
 def test_sanitize_loss(name, dtype, d, metric, device=DEVICE):
-    fn, ref_fn, margin = LOSSES[name]
-    x0, labels = sanitize_batch(d, dtype, seed=4 + list(LOSSES).index(name))
+    fn = {"batch_all": tc.batch_all_triplet_loss, "semi_hard": tc.semi_hard_triplet_loss,
+          "contrastive": tc.contrastive_loss}[name]
+    ref_fn = {"batch_all": R.batch_all_triplet_loss, "semi_hard": R.semi_hard_triplet_loss,
+              "contrastive": R.contrastive_loss}[name]
+    margin = MARGIN[name]
+    x0, labels = sanitize_batch(d, dtype, metric, seed=5 + list(MARGIN).index(name))
     x = x0.clone().to(device).requires_grad_()
+    lab = labels.to(device)
     msg = f"{name} {metric} {dtype} D={d}"
-    out, stats = fn(x, labels.to(device), margin, metric=metric, reduction="sum", return_stats=True)
+    out, stats = fn(x, lab, margin, metric=metric, reduction="sum", return_stats=True)
+    assert out.device.type == torch.device(device).type, msg
     xr = x0.double().requires_grad_()
     ref, ref_stats = ref_fn(xr, labels, margin, metric=metric, reduction="sum", return_stats=True)
-    rtol, atol = loss_tolerances(dtype, name)
-    assert out.dtype == dtype and out.device.type == torch.device(device).type, msg
-    assert_close(out, ref, dtype, msg=msg, rtol=rtol, atol=atol)
+    if name == "semi_hard":
+        # the choices (mine_triplets shares the selection), then the reference on them
+        got = [t.cpu() for t in tc.mine_triplets(x.detach(), lab, strategy="semi_hard", metric=metric)]
+        want = R.mine_triplets(x0.double(), labels, strategy="semi_hard", metric=metric)
+        check_semi_hard_choice(got, want, R.pairwise_distance(x0.double(), metric=metric), dtype, msg)
+        dr = R.pairwise_distance(xr, metric=metric)
+        ref = torch.relu(dr[got[0], got[1]] - dr[got[0], got[2]] + margin).sum()
+    check_value(out, ref, dtype, name, msg)
     assert stats.num_valid.item() == ref_stats.num_valid.item(), msg
     # terms within rounding of 0 may land on either side of it
     slack = 1 if dtype == torch.float32 else max(1, ref_stats.num_valid.item() // 50)
@@ -183,20 +224,22 @@ MINE_CASES = [pytest.param(s, dt, d, metric, id=f"{s}-{str(dt).split('.')[-1]}-{
 
 @pytest.mark.parametrize("strategy,dtype,d,metric", MINE_CASES)
 def test_sanitize_mine_triplets(strategy, dtype, d, metric, device=DEVICE):
-    x0, labels = sanitize_batch(d, dtype, seed=9)
+    x0, labels = sanitize_batch(d, dtype, metric, seed=9)
     got = [t.cpu() for t in tc.mine_triplets(x0.to(device), labels.to(device), strategy=strategy, metric=metric)]
     want = R.mine_triplets(x0.double(), labels, strategy=strategy, metric=metric)
     msg = f"mine_triplets {strategy} {metric} {dtype} D={d}"
     for t in got:
         assert t.dtype == torch.int64 and t.shape == want[0].shape, msg
-    # anchors and positives do not depend on distances; a negative may differ from the
-    # reference's only by a near-tie: then it is as far from the anchor, within tolerance
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), msg
-    if strategy == "batch_all" or metric != "cosine":
-        assert torch.equal(got[2], want[2]), msg
+    if strategy == "batch_all" or metric != "cosine":  # exact distances, or none needed
+        for g, w, what in zip(got, want, ("anchor", "positive", "negative")):
+            assert torch.equal(g, w), f"{msg}: {what} indices differ"
         return
-    a, n_got, n_ref = got[0], got[2], want[2]
-    assert (labels[n_got] != labels[a]).all(), msg + ": a negative with the anchor's label"
     dist = R.pairwise_distance(x0.double(), metric=metric)
-    rtol, atol = tolerances(dtype)
-    assert_close(dist[a, n_got], dist[a, n_ref], dtype, msg=msg, rtol=rtol, atol=atol)
+    if strategy == "semi_hard":
+        check_semi_hard_choice(got, want, dist, dtype, msg)
+    else:  # batch_hard: one triplet per valid anchor
+        assert torch.equal(got[0], want[0]), msg
+        for k, positive in ((1, True), (2, False)):
+            full, full_want = torch.full((N,), -1), torch.full((N,), -1)
+            full[got[0]], full_want[want[0]] = got[k], want[k]
+            check_hard_choice(full, labels, dist, full_want, metric, dtype, positive, msg)
