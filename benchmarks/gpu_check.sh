@@ -9,8 +9,9 @@
 #   bash benchmarks/gpu_check.sh --fingerprint     # the source fingerprint, and nothing else
 #
 # OUTDIR defaults to benchmarks/results/<device>/check-<commit>/. --archive writes OUTDIR as a
-# .tgz (refreshed after each phase, so a killed call still leaves the phases before it), whose
-# top folder is OUTDIR's name. Exit status: 0 when no step failed or timed out (skipped steps
+# .tgz (refreshed after each phase, so a killed call still leaves the phases before it): with
+# the default OUTDIR its paths are <device>/check-<commit>/... (extract it into
+# benchmarks/results), else OUTDIR's own name/... . Exit status: 0 when no step failed or timed out (skipped steps
 # do not count: with no GPU every CUDA step is skipped and the summary says so), 1 otherwise,
 # 2 for bad arguments.
 #
@@ -38,6 +39,8 @@
 #   GPU_CHECK_TEST_WORKERS  pytest-xdist workers for the test suite where xdist is installed
 #                         (default 4; 1 = no xdist)
 #   GPU_CHECK_SANITIZER_ARGS  extra compute-sanitizer arguments (e.g. --kernel-name kns=triplet_cuda)
+#   GPU_CHECK_TESTS_PYTEST, GPU_CHECK_SANITIZE_PYTEST  extra pytest arguments of the test suite /
+#                         the sanitizer runs, for reruns (e.g. "-k cuda", "-k batch_hard")
 #   GPU_CHECK_BENCH_ARGS  extra `python -m benchmarks` arguments (default --target-s 0.5)
 #   GPU_CHECK_NO_GPU=1    act as if there were no CUDA device (the skip path, for the tests)
 #   GPU_CHECK_DRY=1       dry run: pretend a GPU and compute-sanitizer, and print the heavy
@@ -88,7 +91,8 @@ for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
     kinds = {child.tag for child in case}
     k = 1 if "failure" in kinds else 2 if "error" in kinds else 3 if "skipped" in kinds else 0
     counts["all"][k] += 1
-    if "cuda" in (case.get("name", "") + case.get("classname", "")).lower():
+    name = case.get("name", "")
+    if "cuda" in name[name.find("["):].lower() or "test_cuda_" in case.get("classname", ""):  # [..cuda..] ids
         counts["cuda"][k] += 1
 p, f, e, s = counts["all"]
 cp, cf, ce, cs = counts["cuda"]
@@ -285,7 +289,7 @@ step_tests() {
   if [[ "$WORKERS" -gt 1 ]] && "$PY" -c 'import xdist' 2>/dev/null; then args+=(-n "$WORKERS"); fi
   local rc=0
   x env TRIPLET_CUDA_EXPECT_LOADER=aot OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 \
-    "$PY" -m pytest "${args[@]}" --durations=30 "$TESTS" ${ignores[@]+"${ignores[@]}"} || rc=$?
+    "$PY" -m pytest "${args[@]}" --durations=30 "$TESTS" ${ignores[@]+"${ignores[@]}"} $TESTS_PYTEST || rc=$?
   note "$(junit_note "$OUTDIR/tests-junit.xml")${ignores[*]:+; left out: ${ignores[*]##*/}}"
   return $rc
 }
@@ -297,11 +301,11 @@ step_sanitize() {  # $1: memcheck | racecheck | synccheck | initcheck
   # every allocation its own cudaMalloc, so memcheck sees the bounds of each tensor
   x env PYTORCH_NO_CUDA_MEMORY_CACHING=1 TRIPLET_CUDA_EXPECT_LOADER=aot PYTHONUNBUFFERED=1 \
     "$san" --tool "$tool" --error-exitcode 86 --print-limit 200 ${SANITIZER_ARGS} \
-    "$PY" -m pytest "${args[@]}" -q -m sanitize tests/test_cuda_sanitize.py || rc=$?
+    "$PY" -m pytest "${args[@]}" -q -m sanitize tests/test_cuda_sanitize.py $SANITIZE_PYTEST || rc=$?
   local log="$OUTDIR/sanitize-$tool.log" summary kernels
   summary="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$log" 2>/dev/null | tail -n 2 | tr '\n' ' ')"
-  # the most frequent report locations ("=========     at <where>" lines)
-  kernels="$(grep -E '^=+ +at ' "$log" 2>/dev/null | sed -E 's/^=+ +at +//' | cut -c1-90 | sort | uniq -c \
+  # the most frequent report locations ("=========     at <where>", racecheck's "... access at <where>")
+  kernels="$(sed -nE 's/^=+ +(at |.* access at )(.*)/\2/p' "$log" 2>/dev/null | cut -c1-90 | sort | uniq -c \
              | sort -rn | head -n 3 | awk '{c = $1; $1 = ""; printf "%s%s (x%s)", (NR > 1 ? ", " : ""), substr($0, 2), c}')"
   local what=""
   [[ $rc -eq 86 ]] && what="the sanitizer reported errors; "
@@ -403,6 +407,7 @@ export WHEELS="${GPU_CHECK_WHEELS:-$ROOT/.whl}"
 export TESTS="${GPU_CHECK_TESTS:-tests}"  # the suite's folder (another one only in tests/test_gpu_check.py)
 export WORKERS="${GPU_CHECK_TEST_WORKERS:-4}"
 export SANITIZER_ARGS="${GPU_CHECK_SANITIZER_ARGS:-}"
+export TESTS_PYTEST="${GPU_CHECK_TESTS_PYTEST:-}" SANITIZE_PYTEST="${GPU_CHECK_SANITIZE_PYTEST:-}"
 export BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:---target-s 0.5}"
 export NPROC="$(nproc 2>/dev/null || echo 2)"
 export JIT_JOBS=$(( NPROC / 2 > 2 ? NPROC / 2 : 2 ))
@@ -452,9 +457,16 @@ fi
 if [[ -z "$SLUG" && -z "$OUTDIR" ]]; then
   SLUG="$("$PY" -c 'from benchmarks.report import device_slug; print(device_slug("cpu"))' 2>/dev/null || echo unknown-device)"
 fi
-OUTDIR="${OUTDIR:-$ROOT/benchmarks/results/$SLUG/check-${COMMIT:0:10}}"
+ARCHIVE_BASE=""  # the archive holds OUTDIR relative to this folder
+if [[ -z "$OUTDIR" && "$DRY" == 1 ]]; then
+  OUTDIR="${TMPDIR:-/tmp}/gpu_check-dry/check-${COMMIT:0:10}"  # a dry run leaves results/ alone
+elif [[ -z "$OUTDIR" ]]; then
+  OUTDIR="$ROOT/benchmarks/results/$SLUG/check-${COMMIT:0:10}"
+  ARCHIVE_BASE="$ROOT/benchmarks/results"  # <device>/check-<commit>/...: extract into benchmarks/results
+fi
 mkdir -p "$OUTDIR" || exit 2
 OUTDIR="$(cd "$OUTDIR" && pwd)"
+ARCHIVE_BASE="${ARCHIVE_BASE:-$(dirname "$OUTDIR")}"
 export OUTDIR
 CONSOLE="$OUTDIR/console.log"
 : >"$CONSOLE"
@@ -464,7 +476,7 @@ say() { echo "$*" | tee -a "$CONSOLE"; }
 archive() {
   [[ -n "$ARCHIVE" ]] || return 0
   mkdir -p "$(dirname "$ARCHIVE")"
-  tar -czf "$ARCHIVE.part" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" 2>/dev/null \
+  tar -czf "$ARCHIVE.part" -C "$ARCHIVE_BASE" "${OUTDIR#"$ARCHIVE_BASE"/}" 2>/dev/null \
     && mv -f "$ARCHIVE.part" "$ARCHIVE"
 }
 
