@@ -507,7 +507,7 @@ run_step() {  # name cap reserve
     return 1
   fi
   say "[gpu_check] $(date -u +%H:%M:%S) start $name (timeout ${limit}s)"
-  timeout --kill-after=15 "$limit" bash "$SELF" --run-step "$name" >"$OUTDIR/$name.log" 2>&1
+  timeout --kill-after=15 "$limit" bash "$SELF" --run-step "$name" </dev/null >"$OUTDIR/$name.log" 2>&1
   rc=$?
   local secs=$(( SECONDS - t0 )) text=""
   [[ -f "$STATE/$name.note" ]] && text="$(cat "$STATE/$name.note")"

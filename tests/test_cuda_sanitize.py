@@ -5,8 +5,10 @@ memcheck, racecheck, synccheck and initcheck; the full suite runs it as ordinary
 Each case is a real test against `triplet_cuda.reference` (float64 on the upcast input), kept
 small so that four sanitizer passes fit in a few minutes:
 
-* N = 130 anchors (2 full 64-row tiles and a ragged tail of 2; three 64-wide candidate tiles,
-  so batch hard's candidate splits are combined), M = 67 rows for the two-operand distance;
+* N = 270 anchors (four full 64-row tiles and a ragged tail of 14; five 64-wide candidate
+  tiles, so batch hard's candidate splits are combined; more columns than the 256 threads of
+  the per-row kernels, so their strided loops run twice), M = 67 rows for the two-operand
+  distance;
 * D = 33 in float32 (two 16-wide feature stages of the dot tiles and a tail of 1) and D = 135
   in float16 (three 64-wide gradient column tiles, the last of 7; two 128-column passes of
   the batch-hard backward);
@@ -49,7 +51,7 @@ import triplet_cuda as tc
 from triplet_cuda import reference as R
 from conftest import CUDA_AVAILABLE, METRICS, assert_close, assert_distances_close, tolerances
 
-N, M = 130, 67
+N, M = 270, 67
 # (dtype, D): float32 and one half type, each at its own ragged feature size
 CONFIGS = [(torch.float32, 33), (torch.float16, 135)]
 CASES = [pytest.param(dt, d, metric, id=f"{str(dt).split('.')[-1]}-D{d}-{metric}")
@@ -65,7 +67,7 @@ MARGIN = {"batch_hard": 0.7, "batch_all": 0.7, "semi_hard": 0.7, "contrastive": 
 
 
 def sanitize_batch(d, dtype, metric, seed, n=N):
-    """(n, d) embeddings in dtype (on the CPU) and int64 labels: ~40 classes of a few members,
+    """(n, d) embeddings in dtype (on the CPU) and int64 labels: ~90 classes of a few members,
     some singletons, one far label value; rows 100 and 3 are exact duplicates. Multiples of 1/4
     for the Euclidean metrics, normal for cosine (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +76,7 @@ def sanitize_batch(d, dtype, metric, seed, n=N):
     else:
         x = (torch.randint(-3, 4, (n, d), generator=g).double() / 4).to(dtype)
     x[100 % n] = x[3]
-    labels = torch.randint(0, 40, (n,), generator=g)
+    labels = torch.randint(0, 90, (n,), generator=g)
     labels[7] = 10**12  # a singleton with a label far from the others
     return x, labels
 
