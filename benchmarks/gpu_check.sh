@@ -301,7 +301,7 @@ step_sanitize() {  # $1: memcheck | racecheck | synccheck | initcheck
   # every allocation its own cudaMalloc, so memcheck sees the bounds of each tensor
   x env PYTORCH_NO_CUDA_MEMORY_CACHING=1 TRIPLET_CUDA_EXPECT_LOADER=aot PYTHONUNBUFFERED=1 \
     "$san" --tool "$tool" --error-exitcode 86 --print-limit 200 ${SANITIZER_ARGS} \
-    "$PY" -m pytest "${args[@]}" -q -m sanitize tests/test_cuda_sanitize.py $SANITIZE_PYTEST || rc=$?
+    "$PY" -m pytest "${args[@]}" -q --durations=5 -m sanitize tests/test_cuda_sanitize.py $SANITIZE_PYTEST || rc=$?
   local log="$OUTDIR/sanitize-$tool.log" summary kernels
   summary="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$log" 2>/dev/null | tail -n 2 | tr '\n' ' ')"
   # the most frequent report locations ("=========     at <where>", racecheck's "... access at <where>")
@@ -524,8 +524,12 @@ run_step() {  # name cap reserve
   record "$name" "$status" "$secs" "$text"
   say "[gpu_check] $(date -u +%H:%M:%S) end   $name: $status (${secs}s)${text:+ - $text}"
   if [[ $status != PASS ]]; then
+    if [[ $name == build-* ]]; then  # a compiler's first errors sit above the build tool's traceback
+      say "[gpu_check] first error lines of $name.log:"
+      grep -n -m 25 -E 'error|FAILED|Error' "$OUTDIR/$name.log" | cut -c1-300 | sed 's/^/    | /' | tee -a "$CONSOLE"
+    fi
     say "[gpu_check] last lines of $name.log:"
-    tail -n 40 "$OUTDIR/$name.log" | sed 's/^/    | /' | tee -a "$CONSOLE"
+    tail -n 40 "$OUTDIR/$name.log" | cut -c1-300 | sed 's/^/    | /' | tee -a "$CONSOLE"
   fi
   [[ $status == PASS ]]
 }
