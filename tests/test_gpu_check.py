@@ -116,6 +116,18 @@ def test_dry_run_leaves_out_test_modules_with_missing_imports(tmp_path):
     assert "left out: test_needs_it.py" in rows["tests"][2], rows["tests"]
 
 
+def test_dry_run_conftest_with_a_missing_import_fails_deps(tmp_path):
+    tests = tmp_path / "suite"
+    tests.mkdir()
+    (tests / "conftest.py").write_text("import surely_not_installed_pkg\n")
+    (tests / "test_fine.py").write_text("import pytest\n")
+    rc, out, rows = run(tmp_path, GPU_CHECK_DRY=1, GPU_CHECK_TESTS=tests)
+    assert rc == 1, out
+    assert rows["deps"][0] == "FAIL" and "conftest.py (no surely_not_installed_pkg)" in rows["deps"][2], rows["deps"]
+    assert "no test can run" in (tmp_path / "out" / "deps.log").read_text()
+    assert "--ignore" not in (tmp_path / "out" / "tests.log").read_text()  # the suite fails visibly instead
+
+
 def test_no_gpu_path_skips_every_cuda_step(tmp_path):
     rc, out, rows = run(tmp_path, GPU_CHECK_NO_GPU=1)
     assert rc == 0, out
