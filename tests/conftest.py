@@ -29,6 +29,11 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_cuda: the test needs a CUDA device (skipped without one)")
+    config.addinivalue_line(
+        "markers",
+        "sanitize: the small CUDA subset that benchmarks/gpu_check.sh runs under compute-sanitizer "
+        "(tests/test_cuda_sanitize.py; every CUDA kernel at least once)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
