@@ -13,7 +13,10 @@ Example:
     >>> loss.item()
     0.5
     >>> embeddings.grad
-    GRAD
+    tensor([[ 0.5000, -0.5000],
+            [ 0.5000,  0.5000],
+            [-0.5000, -0.5000],
+            [-0.5000,  0.5000]])
 """
 from __future__ import annotations
 
