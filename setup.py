@@ -3,8 +3,9 @@ inside the package and they are JIT-compiled on first use.
 
 Ahead-of-time build (needs torch and a compiler in the build environment):
     TRIPLET_CUDA_BUILD_EXT=1 pip install --no-build-isolation .
-builds triplet_cuda._C with CUDAExtension when torch has CUDA and nvcc is found (honouring
-TORCH_CUDA_ARCH_LIST), else with CppExtension.
+builds triplet_cuda._C with CUDAExtension when torch has CUDA and nvcc is found, else with
+CppExtension. CUDA architectures: TORCH_CUDA_ARCH_LIST (e.g. "8.0;8.6;9.0+PTX"), else those of
+the visible GPUs, else (no GPU visible) _build.DEFAULT_CUDA_ARCH_LIST ("8.0;9.0+PTX").
 """
 import importlib.util
 import os
@@ -41,6 +42,11 @@ if os.environ.get("TRIPLET_CUDA_BUILD_EXT") == "1":
 
     cfg = _build_config()
     with_cuda = cfg.cuda_buildable()
+    if with_cuda and cfg.default_cuda_arch_list():
+        # No GPU visible and no TORCH_CUDA_ARCH_LIST: torch would fail; build for the default list.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cfg.default_cuda_arch_list()
+        print(f"triplet_cuda: TORCH_CUDA_ARCH_LIST not set and no GPU visible: building for "
+              f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
     extension = CUDAExtension if with_cuda else CppExtension
     ext_modules.append(
         extension(

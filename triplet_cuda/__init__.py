@@ -1,7 +1,27 @@
 """triplet_cuda: fused triplet and contrastive losses with in-batch mining for PyTorch.
 
-    import triplet_cuda as tc
-    loss = tc.batch_hard_triplet_loss(embeddings, labels, margin=0.2)
+C++ and CUDA kernels, exposed as torch custom ops (``torch.ops.triplet_cuda.*``) with autograd
+and torch.compile support, that compute pairwise distances, mine batch-hard / semi-hard
+triplets or reduce over all triplets without building the N x N x N tensor of the mask recipe.
+
+Functions (triplet_cuda.functional): pairwise_distance, batch_hard_mine, mine_triplets,
+batch_hard_triplet_loss, batch_all_triplet_loss, semi_hard_triplet_loss, contrastive_loss.
+Modules (triplet_cuda.modules): TripletLoss, ContrastiveLoss. Result types: HardMining,
+TripletStats. triplet_cuda.reference is the pure-PyTorch oracle of the tests.
+
+Importing the package loads the compiled ops: the ahead-of-time build (triplet_cuda._C) when
+it was installed, else a JIT build, cached per digest of the sources and build settings
+(compiled once, with a message on stderr; see loaded_from()).
+
+Example:
+    >>> import torch
+    >>> import triplet_cuda as tc
+    >>> embeddings = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 0.0], [3.0, 1.0]])
+    >>> labels = torch.tensor([0, 0, 1, 1])
+    >>> tc.batch_hard_triplet_loss(embeddings, labels, margin=2.5)
+    tensor(0.5000)
+    >>> tc.TripletLoss(margin=2.5, mining="batch_all")(embeddings, labels)
+    tensor(0.4189)
 """
 from . import reference
 from ._loader import loaded_from
@@ -17,7 +37,7 @@ from .functional import (
 )
 from .modules import ContrastiveLoss, TripletLoss
 
-__version__ = "0.1.0"
+__version__: str = "0.1.0"
 
 __all__ = [
     "ContrastiveLoss",

@@ -1,5 +1,22 @@
-"""The public functions: fused distance, mining and losses with autograd."""
+"""Fused pairwise distances, in-batch triplet mining and metric-learning losses, with autograd.
+
+Every function takes embeddings of shape (N, D) (float32, float64, float16 or bfloat16, any
+strides, CPU or CUDA) and, for mining and losses, integer labels of shape (N,) (any integer
+dtype, any values). Metrics: ``"euclidean"`` (||a - b||), ``"squared_euclidean"``
+(||a - b||^2) and ``"cosine"`` (1 - cos(a, b), norms clamped at 1e-8). The losses differentiate
+through the C++/CUDA backward ops; nothing builds the N x N x N tensor of the mask recipe.
+
+Example:
+    >>> import torch
+    >>> import triplet_cuda as tc
+    >>> embeddings = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 0.0], [3.0, 1.0]])
+    >>> labels = torch.tensor([0, 0, 1, 1])
+    >>> tc.batch_hard_triplet_loss(embeddings, labels, margin=2.5)
+    tensor(0.5000)
+"""
 from __future__ import annotations
+
+from typing import Literal, overload
 
 import torch
 
@@ -7,12 +24,58 @@ from . import _validation as v
 from ._ops import METRICS, STRATEGIES, ops, result_dtype
 from ._types import HardMining, TripletStats
 
+__all__ = [
+    "batch_all_triplet_loss",
+    "batch_hard_mine",
+    "batch_hard_triplet_loss",
+    "contrastive_loss",
+    "mine_triplets",
+    "pairwise_distance",
+    "semi_hard_triplet_loss",
+]
+
 REDUCTIONS = ("mean", "mean_nonzero", "sum")
 BATCH_HARD_REDUCTIONS = REDUCTIONS + ("none",)
 
+Metric = Literal["euclidean", "squared_euclidean", "cosine"]
+"""A distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``."""
+Reduction = Literal["mean", "mean_nonzero", "sum"]
+"""How a loss reduces its terms: over valid terms, over terms > 0, or their sum."""
+BatchHardReduction = Literal["mean", "mean_nonzero", "sum", "none"]
+"""A Reduction, or ``"none"`` for the per-anchor loss vector of batch hard."""
+Strategy = Literal["batch_hard", "batch_all", "semi_hard"]
+"""A mining strategy of mine_triplets."""
 
-def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, *, metric: str = "euclidean") -> torch.Tensor:
-    """(N, D), (M, D) -> (N, M) distances; y=None means y=x. Differentiable in x and y."""
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, *, metric: Metric = "euclidean") -> torch.Tensor:
+    """Distances between every row of ``x`` and every row of ``y``, differentiable in both.
+
+    Args:
+        x: Embeddings, floating point.
+        y: Embeddings of the dtype, device and feature size of ``x``; None means ``x``.
+        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+
+    Shapes:
+        x: (N, D); y: (M, D); returns (N, M).
+
+    Returns:
+        The distances, in the dtype of ``x`` (half types accumulate in float32). Distances
+        within rounding noise of 0 are recomputed exactly, so ``d(x, x)`` has a 0 diagonal.
+
+    Raises:
+        TypeError: ``x`` or ``y`` is not a floating tensor, or their dtypes differ.
+        ValueError: A tensor is not 2-D, the feature sizes or devices differ, or ``metric`` is
+            unknown.
+
+    Example:
+        >>> import torch
+        >>> import triplet_cuda as tc
+        >>> x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+        >>> tc.pairwise_distance(x)
+        tensor([[0., 5.],
+                [5., 0.]])
+    """
     v.check_embeddings(x, "x")
     v.check_choice(metric, "metric", METRICS)
     if y is None:
@@ -27,28 +90,56 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, *, metric:
     return ops.pairwise_distance(x, y, METRICS[metric])
 
 
-def _check_batch(embeddings, labels, metric):
+def _check_batch(embeddings: torch.Tensor, labels: torch.Tensor, metric: str) -> int:
     v.check_embeddings(embeddings)
     v.check_labels(labels, embeddings)
     v.check_choice(metric, "metric", METRICS)
     return METRICS[metric]
 
 
-def batch_hard_mine(embeddings: torch.Tensor, labels: torch.Tensor, *, metric: str = "euclidean") -> HardMining:
+def batch_hard_mine(embeddings: torch.Tensor, labels: torch.Tensor, *, metric: Metric = "euclidean") -> HardMining:
     """Per anchor the hardest positive (largest distance) and hardest negative (smallest distance).
 
     Ties go to the lowest index. Anchors without a positive or without a negative get -1
-    indices and 0 distances. The distances are differentiable.
+    indices and 0 distances. Never builds the N x N distance matrix.
+
+    Args:
+        embeddings: Floating point embeddings.
+        labels: Integer class labels (any integer dtype, any values), on the device of
+            ``embeddings``.
+        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+
+    Shapes:
+        embeddings: (N, D); labels: (N,); every field of the result: (N,).
+
+    Returns:
+        HardMining(pos_dist, pos_idx, neg_dist, neg_idx): distances in the dtype of
+        ``embeddings`` (differentiable), indices int64.
+
+    Raises:
+        TypeError: ``embeddings`` is not floating point or ``labels`` not integer.
+        ValueError: Wrong dimensions, lengths or devices, or an unknown ``metric``.
+
+    Example:
+        >>> import torch
+        >>> import triplet_cuda as tc
+        >>> embeddings = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 0.0], [3.0, 1.0]])
+        >>> mined = tc.batch_hard_mine(embeddings, torch.tensor([0, 0, 1, 1]))
+        >>> mined.pos_idx, mined.neg_idx
+        (tensor([1, 0, 3, 2]), tensor([2, 3, 0, 1]))
+        >>> mined.neg_dist
+        tensor([3., 3., 3., 3.])
     """
     code = _check_batch(embeddings, labels, metric)
     return HardMining(*ops.batch_hard_mine(embeddings, labels, code))
 
 
-def _stats(num_valid, num_positive) -> TripletStats:
+def _stats(num_valid: torch.Tensor, num_positive: torch.Tensor) -> TripletStats:
     return TripletStats(num_valid, num_positive, num_positive.double() / num_valid.clamp_min(1).double())
 
 
-def _reduce_sum(loss_sum, num_valid, num_positive, reduction, dtype):
+def _reduce_sum(loss_sum: torch.Tensor, num_valid: torch.Tensor, num_positive: torch.Tensor, reduction: str,
+                dtype: torch.dtype) -> torch.Tensor:
     if reduction == "mean":
         loss_sum = loss_sum / num_valid.clamp_min(1).to(loss_sum.dtype)
     elif reduction == "mean_nonzero":
@@ -56,13 +147,72 @@ def _reduce_sum(loss_sum, num_valid, num_positive, reduction, dtype):
     return loss_sum.to(dtype)
 
 
-def batch_hard_triplet_loss(embeddings, labels, margin=0.2, *, metric="euclidean", soft_margin=False,
-                            reduction="mean", return_stats=False):
-    """Batch-hard triplet loss (Hermans et al. 2017): per anchor relu(d_ap - d_an + margin),
-    or softplus(d_ap - d_an) with soft_margin, over the hardest positive and negative.
+@overload
+def batch_hard_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    soft_margin: bool = ..., reduction: BatchHardReduction = ..., return_stats: Literal[False] = ...,
+) -> torch.Tensor: ...
+@overload
+def batch_hard_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    soft_margin: bool = ..., reduction: BatchHardReduction = ..., return_stats: Literal[True],
+) -> tuple[torch.Tensor, TripletStats]: ...
+@overload
+def batch_hard_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    soft_margin: bool = ..., reduction: BatchHardReduction = ..., return_stats: bool = ...,
+) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
-    reduction: "mean" (over valid anchors), "mean_nonzero", "sum", or "none" (per anchor, 0 for
-    invalid anchors). Returns the loss, or (loss, TripletStats) with return_stats.
+
+def batch_hard_triplet_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float = 0.2,
+    *,
+    metric: Metric = "euclidean",
+    soft_margin: bool = False,
+    reduction: BatchHardReduction = "mean",
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
+    """Batch-hard triplet loss (Hermans et al. 2017).
+
+    Per anchor ``relu(d_ap - d_an + margin)``, or ``softplus(d_ap - d_an)`` with
+    ``soft_margin``, over its hardest (farthest) positive and hardest (nearest) negative; anchors
+    without a positive or a negative are not valid.
+
+    Args:
+        embeddings: Floating point embeddings.
+        labels: Integer class labels (any integer dtype, any values), on the device of
+            ``embeddings``.
+        margin: The margin, a finite number.
+        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        soft_margin: Use ``softplus(d_ap - d_an)`` instead of the hinge (``margin`` is unused).
+        reduction: ``"mean"`` (over valid anchors), ``"mean_nonzero"`` (over anchors with a loss
+            > 0), ``"sum"``, or ``"none"`` (per anchor, 0 for invalid anchors).
+        return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
+            of 0-d tensors, for logging.
+
+    Shapes:
+        embeddings: (N, D); labels: (N,); loss: () or (N,) with ``reduction="none"``.
+
+    Returns:
+        The loss (0-d; (N,) with ``reduction="none"``) in the dtype of ``embeddings``, or
+        ``(loss, stats)`` with ``return_stats=True``. With nothing valid the loss is 0, still
+        attached to the graph.
+
+    Raises:
+        TypeError: ``embeddings`` is not floating point or ``labels`` not integer.
+        ValueError: Wrong dimensions, lengths or devices, a non-finite ``margin``, or an unknown
+            ``metric`` or ``reduction``.
+
+    Example:
+        >>> import torch
+        >>> import triplet_cuda as tc
+        >>> embeddings = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 0.0], [3.0, 1.0]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> loss, stats = tc.batch_hard_triplet_loss(embeddings, labels, margin=2.5, return_stats=True)
+        >>> loss, stats.num_valid, stats.fraction_positive
+        (tensor(0.5000), tensor(4), tensor(1., dtype=torch.float64))
     """
     code = _check_batch(embeddings, labels, metric)
     margin = v.check_margin(margin)
@@ -82,7 +232,8 @@ def batch_hard_triplet_loss(embeddings, labels, margin=0.2, *, metric="euclidean
     return (loss, _stats(num_valid, num_positive)) if return_stats else loss
 
 
-def _fused_loss(op, embeddings, labels, margin, metric, reduction, reductions, return_stats):
+def _fused_loss(op, embeddings: torch.Tensor, labels: torch.Tensor, margin: float, metric: str, reduction: str,
+                reductions: tuple[str, ...], return_stats: bool) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     code = _check_batch(embeddings, labels, metric)
     margin = v.check_margin(margin)
     v.check_choice(reduction, "reduction", reductions)
@@ -91,35 +242,243 @@ def _fused_loss(op, embeddings, labels, margin, metric, reduction, reductions, r
     return (loss, _stats(num_valid, num_positive)) if return_stats else loss
 
 
-def batch_all_triplet_loss(embeddings, labels, margin=0.2, *, metric="euclidean", reduction="mean_nonzero",
-                           return_stats=False):
-    """Batch-all triplet loss: relu(d_ap - d_an + margin) over every valid (a, p, n), without
-    an N x N x N tensor. reduction: "mean_nonzero" (over terms > 0), "mean" (over valid
-    triplets) or "sum"."""
+@overload
+def batch_all_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    reduction:     Reduction = ..., return_stats: Literal[False] = ...,
+) -> torch.Tensor: ...
+@overload
+def batch_all_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    reduction:     Reduction = ..., return_stats: Literal[True],
+) -> tuple[torch.Tensor, TripletStats]: ...
+@overload
+def batch_all_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    reduction:     Reduction = ..., return_stats: bool = ...,
+) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
+
+
+def batch_all_triplet_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float = 0.2,
+    *,
+    metric: Metric = "euclidean",
+    reduction: Reduction = "mean_nonzero",
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
+    """Batch-all triplet loss: ``relu(d_ap - d_an + margin)`` over every valid (a, p, n).
+
+    A triplet is valid when ``labels[a] == labels[p]``, ``a != p`` and ``labels[n] !=
+    labels[a]``. Computed in O(N^2 log N) time without an N x N x N tensor.
+
+    Args:
+        embeddings: Floating point embeddings.
+        labels: Integer class labels (any integer dtype, any values), on the device of
+            ``embeddings``.
+        margin: The margin, a finite number.
+        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        reduction: ``"mean_nonzero"`` (over triplets with a loss > 0), ``"mean"`` (over valid
+            triplets) or ``"sum"``.
+        return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
+            of 0-d tensors, for logging.
+
+    Shapes:
+        embeddings: (N, D); labels: (N,); loss: ().
+
+    Returns:
+        The loss (0-d; (N,) with ``reduction="none"``) in the dtype of ``embeddings``, or
+        ``(loss, stats)`` with ``return_stats=True``. With nothing valid the loss is 0, still
+        attached to the graph.
+
+    Raises:
+        TypeError: ``embeddings`` is not floating point or ``labels`` not integer.
+        ValueError: Wrong dimensions, lengths or devices, a non-finite ``margin``, or an unknown
+            ``metric`` or ``reduction``.
+
+    Example:
+        >>> import torch
+        >>> import triplet_cuda as tc
+        >>> embeddings = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 0.0], [3.0, 1.0]])
+        >>> tc.batch_all_triplet_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=2.5)
+        tensor(0.4189)
+    """
     return _fused_loss(ops.batch_all_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats)
 
 
-def semi_hard_triplet_loss(embeddings, labels, margin=0.2, *, metric="euclidean", reduction="mean",
-                           return_stats=False):
-    """Semi-hard triplet loss (FaceNet; TensorFlow Addons' TripletSemiHardLoss): for each (a, p)
-    the nearest negative farther than d_ap, else the farthest negative. reduction: "mean" (over
-    (a, p) pairs of anchors with a negative), "mean_nonzero" or "sum"."""
+@overload
+def semi_hard_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    reduction:     Reduction = ..., return_stats: Literal[False] = ...,
+) -> torch.Tensor: ...
+@overload
+def semi_hard_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    reduction:     Reduction = ..., return_stats: Literal[True],
+) -> tuple[torch.Tensor, TripletStats]: ...
+@overload
+def semi_hard_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    reduction:     Reduction = ..., return_stats: bool = ...,
+) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
+
+
+def semi_hard_triplet_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float = 0.2,
+    *,
+    metric: Metric = "euclidean",
+    reduction: Reduction = "mean",
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
+    """Semi-hard triplet loss (FaceNet; TensorFlow Addons' ``TripletSemiHardLoss``).
+
+    For each positive pair (a, p), ``relu(d_ap - d_an + margin)`` with n the nearest negative
+    farther than ``d_ap``, else (no such negative) the farthest negative.
+
+    Args:
+        embeddings: Floating point embeddings.
+        labels: Integer class labels (any integer dtype, any values), on the device of
+            ``embeddings``.
+        margin: The margin, a finite number.
+        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        reduction: ``"mean"`` (over the (a, p) pairs of anchors that have a negative),
+            ``"mean_nonzero"`` (over pairs with a loss > 0) or ``"sum"``.
+        return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
+            of 0-d tensors, for logging.
+
+    Shapes:
+        embeddings: (N, D); labels: (N,); loss: ().
+
+    Returns:
+        The loss (0-d; (N,) with ``reduction="none"``) in the dtype of ``embeddings``, or
+        ``(loss, stats)`` with ``return_stats=True``. With nothing valid the loss is 0, still
+        attached to the graph.
+
+    Raises:
+        TypeError: ``embeddings`` is not floating point or ``labels`` not integer.
+        ValueError: Wrong dimensions, lengths or devices, a non-finite ``margin``, or an unknown
+            ``metric`` or ``reduction``.
+
+    Example:
+        >>> import torch
+        >>> import triplet_cuda as tc
+        >>> embeddings = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 0.0], [3.0, 1.0]])
+        >>> tc.semi_hard_triplet_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=2.5)
+        tensor(0.5000)
+    """
     return _fused_loss(ops.semi_hard_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats)
 
 
-def contrastive_loss(embeddings, labels, margin=1.0, *, metric="euclidean", reduction="mean",
-                     return_stats=False):
-    """Contrastive loss (Hadsell, Chopra, LeCun 2006) over unordered pairs i < j: d^2 for the same
-    label, relu(margin - d)^2 otherwise. reduction: "mean" (over pairs), "mean_nonzero" or "sum"."""
+@overload
+def contrastive_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    reduction:     Reduction = ..., return_stats: Literal[False] = ...,
+) -> torch.Tensor: ...
+@overload
+def contrastive_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    reduction:     Reduction = ..., return_stats: Literal[True],
+) -> tuple[torch.Tensor, TripletStats]: ...
+@overload
+def contrastive_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
+    reduction:     Reduction = ..., return_stats: bool = ...,
+) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
+
+
+def contrastive_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float = 1.0,
+    *,
+    metric: Metric = "euclidean",
+    reduction: Reduction = "mean",
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
+    """Contrastive loss (Hadsell, Chopra, LeCun 2006) over all in-batch pairs.
+
+    Over unordered pairs i < j: ``d^2`` for the same label, ``relu(margin - d)^2`` otherwise.
+
+    Args:
+        embeddings: Floating point embeddings.
+        labels: Integer class labels (any integer dtype, any values), on the device of
+            ``embeddings``.
+        margin: The margin, a finite number.
+        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        reduction: ``"mean"`` (over pairs), ``"mean_nonzero"`` (over pairs with a loss > 0) or
+            ``"sum"``.
+        return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
+            of 0-d tensors, for logging.
+
+    Shapes:
+        embeddings: (N, D); labels: (N,); loss: ().
+
+    Returns:
+        The loss (0-d; (N,) with ``reduction="none"``) in the dtype of ``embeddings``, or
+        ``(loss, stats)`` with ``return_stats=True``. With nothing valid the loss is 0, still
+        attached to the graph.
+
+    Raises:
+        TypeError: ``embeddings`` is not floating point or ``labels`` not integer.
+        ValueError: Wrong dimensions, lengths or devices, a non-finite ``margin``, or an unknown
+            ``metric`` or ``reduction``.
+
+    Example:
+        >>> import torch
+        >>> import triplet_cuda as tc
+        >>> embeddings = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 0.0], [3.0, 1.0]])
+        >>> tc.contrastive_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=1.0)
+        tensor(0.3333)
+    """
     return _fused_loss(ops.contrastive_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats)
 
 
-def mine_triplets(embeddings, labels, *, strategy="batch_hard", metric="euclidean"):
-    """(anchor_idx, positive_idx, negative_idx), int64, sorted by (anchor, positive, negative):
-    the index-tuple format pytorch-metric-learning's losses accept. Not differentiable."""
+def mine_triplets(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    strategy: Strategy = "batch_hard",
+    metric: Metric = "euclidean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index triplets (anchor, positive, negative) chosen by a mining strategy.
+
+    The index-tuple format pytorch-metric-learning's losses accept (``indices_tuple``). Not
+    differentiable (computed under ``torch.no_grad()``).
+
+    Args:
+        embeddings: Floating point embeddings.
+        labels: Integer class labels (any integer dtype, any values), on the device of
+            ``embeddings``.
+        strategy: ``"batch_hard"`` (one triplet per valid anchor: its hardest positive and
+            negative), ``"batch_all"`` (every valid triplet) or ``"semi_hard"`` (per positive
+            pair, the negative the semi-hard loss uses).
+        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+
+    Shapes:
+        embeddings: (N, D); labels: (N,); each returned tensor: (T,), T depending on the data.
+
+    Returns:
+        (anchor_idx, positive_idx, negative_idx): int64, on the device of ``embeddings``, sorted
+        by (anchor, positive, negative).
+
+    Raises:
+        TypeError: ``embeddings`` is not floating point or ``labels`` not integer.
+        ValueError: Wrong dimensions, lengths or devices, or an unknown ``strategy`` or
+            ``metric``.
+
+    Example:
+        >>> import torch
+        >>> import triplet_cuda as tc
+        >>> embeddings = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 0.0], [3.0, 1.0]])
+        >>> tc.mine_triplets(embeddings, torch.tensor([0, 0, 1, 1]), strategy="batch_hard")
+        (tensor([0, 1, 2, 3]), tensor([1, 0, 3, 2]), tensor([2, 3, 0, 1]))
+    """
     code = _check_batch(embeddings, labels, metric)
     v.check_choice(strategy, "strategy", STRATEGIES)
     v.check_triplets_fit(labels, strategy)

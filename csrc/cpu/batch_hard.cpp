@@ -2,6 +2,8 @@
 // then the mined distances recomputed exactly; backward touches only the mined pairs.
 #include "batch_hard.h"
 
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <limits>

@@ -1,7 +1,7 @@
 // Batch-hard mining on CPU, shared by the batch_hard_mine op and mine_triplets.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "distance.h"
 

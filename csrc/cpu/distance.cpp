@@ -1,6 +1,10 @@
 // CPU distance blocks and their gradient (see distance.h).
 #include "distance.h"
 
+#include <ATen/ops/mm.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/where.h>
+
 #include <cstdlib>
 
 namespace triplet_cuda {

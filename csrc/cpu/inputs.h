@@ -1,7 +1,8 @@
 // Argument checks shared by the CPU entry points.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/scalar_tensor.h>
 
 #include "../checks.h"
 

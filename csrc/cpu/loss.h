@@ -9,7 +9,7 @@
 // turns the weights into the embedding gradient.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 #include <vector>

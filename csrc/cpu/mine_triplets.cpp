@@ -1,5 +1,6 @@
 // mine_triplets on CPU: (anchor, positive, negative) index triplets for a mining strategy,
 // sorted by (anchor, positive, negative).
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <utility>

@@ -1,4 +1,5 @@
 // pairwise_distance on CPU: one GEMM plus a fused distance epilogue; backward as two GEMMs.
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "../checks.h"
