@@ -70,7 +70,7 @@ def test_cold_build_once_then_reused_from_another_path(tmp_path):
     if not ninja_off_path:
         print("note: a system ninja is on PATH; finding the ninja package's binary was not exercised")
     other = errs[1 - errs.index(building[0])]
-    assert "building" not in other, other
+    assert "building the C++ ops" not in other, other  # it waited ("waiting for pid N to finish building")
     name = results[0][0].split()[0][len("jit:"):]
     assert sorted(p.name for p in extensions.iterdir()) == [name]
     assert (extensions / name / f"{name}.so").is_file()
