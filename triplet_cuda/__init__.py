@@ -3,7 +3,7 @@
     import triplet_cuda as tc
     loss = tc.batch_hard_triplet_loss(embeddings, labels, margin=0.2)
 """
-from . import reference
+from . import metrics, reference
 from ._loader import loaded_from
 from ._types import HardMining, TripletStats
 from .functional import (
@@ -29,6 +29,7 @@ __all__ = [
     "batch_hard_triplet_loss",
     "contrastive_loss",
     "loaded_from",
+    "metrics",
     "mine_triplets",
     "pairwise_distance",
     "reference",

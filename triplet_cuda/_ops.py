@@ -131,3 +131,10 @@ for _name in ("batch_all_loss", "semi_hard_loss", "contrastive_loss"):
         _make_loss_backward(getattr(ops, _name + "_backward")),
         setup_context=_loss_setup,
     )
+
+
+# ----------------------------------------------------------------------------- knn (metrics)
+@torch.library.register_fake(_LIB + "knn")
+def _(query, ref, k, metric, self_offset):
+    n = query.shape[0]
+    return query.new_empty((n, k)), query.new_empty((n, k), dtype=torch.int64)
