@@ -1,9 +1,10 @@
 // knn on CPU: the k nearest reference rows of every query row, in row blocks (one GEMM per
-// block plus the fused distance epilogue of distance.h, then a bounded heap per row), never
-// the whole (N, M) distance matrix.
+// block; each row's keys computed from its dot products on the fly, distance.h's near-zero
+// rule included, into a bounded heap), never the whole (N, M) distance matrix.
 //
 // Order: ascending distance, ties by the lowest reference index, NaN after every number
-// (+inf included). Rows with fewer than k candidates (M < k, or M - 1 < k when the query's
+// (+inf included). The Euclidean metric is ranked by the squared distance (its square root is
+// taken for the k kept), so "equal" means equal squared distances there. Rows with fewer than k candidates (M < k, or M - 1 < k when the query's
 // own row is excluded) are padded with distance +inf and index -1.
 #include <torch/library.h>
 
@@ -33,37 +34,93 @@ struct Cand {
   int64_t i;
 };
 
+// Selection key of a pair from its dot product: the squared distance for both Euclidean
+// metrics (monotone in the distance: no square root per candidate), 1 - cos for cosine.
+// Squared distances within rounding noise of 0 are recomputed exactly (distance_from_dot's
+// rule), so duplicates of the query come first with key 0.
+template <Metric M, typename T>
+inline T knn_key(T dot, const T* a, const T* b, int64_t D, T aux_a, T aux_b) {
+  if constexpr (M == Metric::kCosine) {
+    return T(1) - dot * aux_a * aux_b;
+  } else {
+    const T scale = aux_a + aux_b;
+    const T sq = scale - T(2) * dot;
+    if (sq <= gram_near_zero<T>() * scale) {
+      return pair_distance<Metric::kSquaredEuclidean>(a, b, D, aux_a, aux_b);
+    }
+    return sq;
+  }
+}
+
+// Rows in blocks of about 8 MiB of dot products (one GEMM each); every row of a block is then
+// scanned once, its keys computed on the fly and kept in a bounded max-heap of k candidates
+// (the worst on top, cached for a one-compare rejection). Rows run in parallel.
 template <typename T, Metric M>
 void knn_rows(const Prepared& q, const Prepared& r, int64_t k, int64_t self_offset, T* out_d,
               int64_t* out_i) {
-  const int64_t Mc = r.rows();
-  // heap "less" = comes before; std heap keeps the largest (the worst candidate) on top
+  const int64_t N = q.rows(), Mc = r.rows(), D = q.e.size(1);
+  const T* qe = q.e.data_ptr<T>();
+  const T* re = r.e.data_ptr<T>();
+  const T* qaux = q.aux.data_ptr<T>();
+  const T* raux = r.aux.data_ptr<T>();
   const auto before = [](const Cand<T>& a, const Cand<T>& b) {
     return knn_before(a.d, a.i, b.d, b.i);
   };
-  for_each_distance_row<T, M>(q, r, [&](int64_t row, const T* d) {
-    const int64_t self = self_offset >= 0 ? self_offset + row : -1;
-    std::vector<Cand<T>> heap;
-    heap.reserve(static_cast<size_t>(std::min(k, Mc)));
-    for (int64_t j = 0; j < Mc; ++j) {
-      if (j == self) continue;
-      const Cand<T> c{d[j], j};
-      if (static_cast<int64_t>(heap.size()) < k) {
-        heap.push_back(c);
-        std::push_heap(heap.begin(), heap.end(), before);
-      } else if (before(c, heap.front())) {
-        std::pop_heap(heap.begin(), heap.end(), before);
-        heap.back() = c;
-        std::push_heap(heap.begin(), heap.end(), before);
+  const int64_t B = block_rows(N, Mc, sizeof(T));
+  for (int64_t r0 = 0; r0 < N; r0 += B) {
+    const int64_t b = std::min(B, N - r0);
+    const at::Tensor G = at::mm(q.e.narrow(0, r0, b), r.e.t());
+    const T* gp = G.data_ptr<T>();
+    at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<Cand<T>> heap;
+      heap.reserve(static_cast<size_t>(std::min(k, Mc)));
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t row = r0 + i;
+        const int64_t self = self_offset >= 0 ? self_offset + row : -1;
+        const T* g = gp + i * Mc;
+        const T* qi = qe + row * D;
+        const T aq = qaux[row];
+        heap.clear();
+        // The worst kept candidate. Columns ascend, so a candidate equal to it never wins the
+        // tie (it has the higher index); a NaN worst loses to any number.
+        T worst = 0;
+        bool worst_nan = false;
+        for (int64_t j = 0; j < Mc; ++j) {
+          const T key = knn_key<M>(g[j], qi, re + j * D, D, aq, raux[j]);
+          if (static_cast<int64_t>(heap.size()) < k) {
+            if (j == self) continue;
+            heap.push_back({key, j});
+            std::push_heap(heap.begin(), heap.end(), before);
+          } else if (key < worst || (worst_nan && key == key)) {
+            if (j == self) continue;
+            std::pop_heap(heap.begin(), heap.end(), before);
+            heap.back() = {key, j};
+            std::push_heap(heap.begin(), heap.end(), before);
+          } else {
+            continue;
+          }
+          if (static_cast<int64_t>(heap.size()) == k) {
+            worst = heap.front().d;
+            worst_nan = std::isnan(worst);
+          }
+        }
+        std::sort_heap(heap.begin(), heap.end(), before);  // ascending
+        T* od = out_d + row * k;
+        int64_t* oi = out_i + row * k;
+        const int64_t n = static_cast<int64_t>(heap.size());
+        for (int64_t t = 0; t < n; ++t) {
+          const T key = heap[t].d;
+          if constexpr (M == Metric::kEuclidean) {
+            od[t] = std::sqrt(key);
+          } else {
+            od[t] = key;
+          }
+          oi[t] = heap[t].i;
+        }
+        for (int64_t t = n; t < k; ++t) od[t] = std::numeric_limits<T>::infinity(), oi[t] = -1;
       }
-    }
-    std::sort_heap(heap.begin(), heap.end(), before);  // ascending
-    T* od = out_d + row * k;
-    int64_t* oi = out_i + row * k;
-    const int64_t n = static_cast<int64_t>(heap.size());
-    for (int64_t t = 0; t < n; ++t) od[t] = heap[t].d, oi[t] = heap[t].i;
-    for (int64_t t = n; t < k; ++t) od[t] = std::numeric_limits<T>::infinity(), oi[t] = -1;
-  });
+    });
+  }
 }
 
 // query: (N, D), ref: (M, D) -> (dist (N, k) in the dtype of query, idx (N, k) int64).
