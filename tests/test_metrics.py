@@ -63,8 +63,9 @@ def test_knn_self_offset_is_a_slice_of_the_full_query(device):
 
 
 def test_knn_spans_several_row_blocks():
-    # float64, M = 1500: a CPU row block holds 699 rows, so 1500 queries take three blocks
-    q, _ = make_batch(1500, 4, 3, seed=4)
+    # float64, M = 2500: a CPU row block holds 32 MiB / (2500 * 8 B) = 1677 rows, so 2500
+    # queries take two blocks
+    q, _ = make_batch(2500, 3, 3, seed=4)
     dist, idx = ops.knn(q, q, 3, 0, 0)
     _check_against_reference(dist, idx, q, q, 3, "euclidean", 0, torch.float64)
 
@@ -181,10 +182,10 @@ def test_metrics_by_hand():
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("with_ref", [False, True])
 def test_metrics_match_reference(device, metric, with_ref, monkeypatch):
-    x, y = make_batch(83, 6, 7, seed=13, device=device)
+    x, y = make_batch(47, 6, 5, seed=13, device=device)
     kw = {}
     if with_ref:
-        rx, ry = make_batch(64, 6, 9, seed=14, device=device)
+        rx, ry = make_batch(40, 6, 7, seed=14, device=device)
         kw = {"ref_embeddings": rx, "ref_labels": ry}
     kw_cpu = {key: t.cpu() for key, t in kw.items()}
     expected_recall = reference.recall_at_k(x.cpu(), y.cpu(), (1, 2, 5, 10), metric=metric, **kw_cpu)

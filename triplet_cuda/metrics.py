@@ -7,7 +7,7 @@
 
 Every function runs on the fused ``knn`` op (``torch.ops.triplet_cuda.knn``): distances are
 computed block by block and reduced to each row's k nearest at once, so no N x M matrix is
-ever held (CPU: row blocks of about 8 MiB; CUDA: chunks of query rows).
+ever held (CPU: row blocks of about 32 MiB; CUDA: chunks of query rows).
 
 Semantics (shared by every function):
 

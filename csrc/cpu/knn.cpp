@@ -28,6 +28,8 @@ inline bool knn_before(T da, int64_t ia, T db, int64_t ib) {
   return da < db || (da == db && ia < ib);
 }
 
+constexpr int64_t kKnnBlockBytes = int64_t(32) << 20;
+
 template <typename T>
 struct Cand {
   T d;
@@ -52,7 +54,7 @@ inline T knn_key(T dot, const T* a, const T* b, int64_t D, T aux_a, T aux_b) {
   }
 }
 
-// Rows in blocks of about 8 MiB of dot products (one GEMM each); every row of a block is then
+// Rows in blocks of about 32 MiB of dot products (one GEMM each); every row of a block is then
 // scanned once, its keys computed on the fly and kept in a bounded max-heap of k candidates
 // (the worst on top, cached for a one-compare rejection). Rows run in parallel.
 template <typename T, Metric M>
@@ -66,7 +68,10 @@ void knn_rows(const Prepared& q, const Prepared& r, int64_t k, int64_t self_offs
   const auto before = [](const Cand<T>& a, const Cand<T>& b) {
     return knn_before(a.d, a.i, b.d, b.i);
   };
-  const int64_t B = block_rows(N, Mc, sizeof(T));
+  // Blocks of about 32 MiB: fewer, larger GEMMs and parallel regions than distance.h's 8 MiB
+  // (the heap scan is cheap next to the GEMM; on a loaded machine each region costs a wake-up).
+  const int64_t B = std::max<int64_t>(
+      1, std::min<int64_t>(N, kKnnBlockBytes / std::max<int64_t>(Mc * sizeof(T), 1)));
   for (int64_t r0 = 0; r0 < N; r0 += B) {
     const int64_t b = std::min(B, N - r0);
     const at::Tensor G = at::mm(q.e.narrow(0, r0, b), r.e.t());
