@@ -126,7 +126,7 @@ def markdown(doc: dict) -> str:
     m = doc["meta"]
     lines = [f"# knn, preset {m['preset']}", "",
              f"Device: {m['device_name']}; torch {m['torch']}, {m['threads']} threads; commit {m['commit']}; "
-             f"load average at start {m['loadavg_start']}, end {m['loadavg_end']}.", "",
+             f"load average at start {m['loadavg_start']:.2f}, end {m['loadavg_end']:.2f}.", "",
              f"Command: `{m['command']}`", "",
              f"Leave-one-out k nearest neighbours of N normalised float32 rows, D={m['dim']}, k={m['k']}; "
              "time: median of the calls after a warm-up; memory: peak growth over one call.", "",
