@@ -69,4 +69,12 @@ TORCH_LIBRARY(triplet_cuda, m) {
   m.def(
       "mine_triplets(Tensor embeddings, Tensor labels, int strategy, int metric)"
       " -> (Tensor, Tensor, Tensor)");
+
+  // k nearest neighbours: for each query row the k nearest rows of ref, ascending distance,
+  // ties by the lowest ref index, NaN distances last. self_offset >= 0 says that query row i
+  // is ref row self_offset + i, which is then never returned for it (the reference set is the
+  // query set, or a slice of it holds the queries); -1 excludes nothing. Rows with fewer than
+  // k candidates are padded with +inf / -1. -> dist (N, k) in the dtype of query, idx (N, k)
+  // int64. Not differentiable.
+  m.def("knn(Tensor query, Tensor ref, int k, int metric, int self_offset) -> (Tensor, Tensor)");
 }

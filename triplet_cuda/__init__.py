@@ -23,7 +23,7 @@ Example:
     >>> tc.TripletLoss(margin=2.5, mining="batch_all")(embeddings, labels)
     tensor(0.4189)
 """
-from . import reference
+from . import metrics, reference
 from ._loader import loaded_from
 from ._types import HardMining, TripletStats
 from .functional import (
@@ -49,6 +49,7 @@ __all__ = [
     "batch_hard_triplet_loss",
     "contrastive_loss",
     "loaded_from",
+    "metrics",
     "mine_triplets",
     "pairwise_distance",
     "reference",

@@ -279,3 +279,10 @@ def _no_double_backward(name):
 for _name in BACKWARD_OPS:
     _bw, _setup = _no_double_backward(_name[: -len("_backward")] if _name.endswith("_loss_backward") else _name)
     torch.library.register_autograd(_LIB + _name, _bw, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- knn (metrics)
+@torch.library.register_fake(_LIB + "knn")
+def _(query, ref, k, metric, self_offset):
+    n = query.shape[0]
+    return query.new_empty((n, k)), query.new_empty((n, k), dtype=torch.int64)

@@ -150,3 +150,64 @@ def mine_triplets(embeddings, labels, strategy="batch_hard", metric="euclidean")
         a, p = torch.nonzero(valid, as_tuple=True)
         return a, p, sel[a, p]
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def knn(query, ref, k, metric="euclidean", self_offset=-1):
+    """Brute force k nearest neighbours: (N, k) distances and int64 indices into ref.
+
+    Ascending distance, ties by the lowest index (a stable sort), NaN last; query row i skips
+    ref row self_offset + i when self_offset >= 0; rows with fewer than k candidates are padded
+    with +inf / -1.
+    """
+    d = pairwise_distance(query, ref, metric)
+    n, m = d.shape
+    idx = torch.arange(m, device=d.device).expand(n, m)
+    if self_offset >= 0:
+        keep = idx != (torch.arange(n, device=d.device) + self_offset)[:, None]
+        d = d[keep].view(n, m - 1)
+        idx = idx[keep].view(n, m - 1)
+    d, order = torch.sort(d, dim=1, stable=True)  # NaN sorts after +inf
+    idx = idx.gather(1, order)
+    pad = k - d.shape[1]
+    if pad > 0:
+        d = torch.cat([d, d.new_full((n, pad), float("inf"))], 1)
+        idx = torch.cat([idx, idx.new_full((n, pad), -1)], 1)
+    return d[:, :k], idx[:, :k]
+
+
+def _retrieval_setup(embeddings, labels, ref_embeddings, ref_labels, metric):
+    """(query labels, neighbour labels sorted by distance (N, M'), relevant count R per query)."""
+    if ref_embeddings is None:
+        _, idx = knn(embeddings, embeddings, max(embeddings.shape[0] - 1, 0), metric, self_offset=0)
+        ref_labels = labels
+    else:
+        _, idx = knn(embeddings, ref_embeddings, ref_embeddings.shape[0], metric)
+    hits = ref_labels[idx] == labels[:, None]
+    return hits, hits.sum(1)
+
+
+def recall_at_k(embeddings, labels, k=(1, 5), ref_embeddings=None, ref_labels=None, metric="euclidean"):
+    """Fraction of the queries that have a reference of their label among their k nearest
+    references (the batch itself without the query when no reference set is given); queries
+    without any reference of their label are left out (NaN when none is left)."""
+    ks = (k,) if isinstance(k, int) else tuple(k)
+    hits, r = _retrieval_setup(embeddings, labels, ref_embeddings, ref_labels, metric)
+    has = r > 0
+    out = {kk: hits[has, :kk].any(1).double().mean().item() if has.any() else float("nan") for kk in ks}
+    return out[ks[0]] if isinstance(k, int) else out
+
+
+def map_at_r(embeddings, labels, ref_embeddings=None, ref_labels=None, metric="euclidean"):
+    """mAP@R (Musgrave et al. 2020): per query, R = its number of references of its label and
+    AP@R = (1/R) sum_{i<=R} precision@i * relevant(i) over its R nearest; mean over the queries
+    with R > 0 (NaN when none)."""
+    hits, r = _retrieval_setup(embeddings, labels, ref_embeddings, ref_labels, metric)
+    has = r > 0
+    if not has.any():
+        return float("nan")
+    aps = []
+    for row, rr in zip(hits[has].double(), r[has].tolist()):
+        top = row[:rr]
+        precision = top.cumsum(0) / torch.arange(1, rr + 1, dtype=torch.float64, device=row.device)
+        aps.append((precision * top).sum() / rr)
+    return torch.stack(aps).mean().item()
