@@ -36,21 +36,22 @@ struct Cand {
   int64_t i;
 };
 
-// Selection key of a pair from its dot product: the squared distance for both Euclidean
-// metrics (monotone in the distance: no square root per candidate), 1 - cos for cosine.
-// Squared distances within rounding noise of 0 are recomputed exactly (distance_from_dot's
-// rule), so duplicates of the query come first with key 0.
+// Selection key of a pair from its dot product: the epilogue's Gram value before finish()
+// (csrc/epilogue.h): the squared distance for both Euclidean metrics (monotone in the distance:
+// no square root per candidate), cos for cosine turned into 1 - cos. Squared distances within
+// rounding noise of 0 are recomputed exactly (the near-zero rule), so duplicates of the query
+// come first with key 0; a non-finite row gives NaN (the NaN rule), which sorts last here.
 template <Metric M, typename T>
-inline T knn_key(T dot, const T* a, const T* b, int64_t D, T aux_a, T aux_b) {
+inline T knn_key(T dot, const T* a, const T* b, int64_t D, T sq_a, T inv_a, T sq_b, T inv_b) {
+  T v = epi::gram_value<M>(dot, sq_a, inv_a, sq_b, inv_b);
   if constexpr (M == Metric::kCosine) {
-    return T(1) - dot * aux_a * aux_b;
+    return T(1) - v;
   } else {
-    const T scale = aux_a + aux_b;
-    const T sq = scale - T(2) * dot;
-    if (sq <= gram_near_zero<T>() * scale) {
-      return pair_distance<Metric::kSquaredEuclidean>(a, b, D, aux_a, aux_b);
+    if (epi::needs_exact<M>(v, sq_a, sq_b)) {
+      v = explicit_sum<M>(a, b, D);
+      if (!epi::is_finite(v)) v = epi::quiet_nan<T>();
     }
-    return sq;
+    return v;
   }
 }
 
@@ -63,8 +64,10 @@ void knn_rows(const Prepared& q, const Prepared& r, int64_t k, int64_t self_offs
   const int64_t N = q.rows(), Mc = r.rows(), D = q.e.size(1);
   const T* qe = q.e.data_ptr<T>();
   const T* re = r.e.data_ptr<T>();
-  const T* qaux = q.aux.data_ptr<T>();
-  const T* raux = r.aux.data_ptr<T>();
+  const T* qsq = q.sqnorm.data_ptr<T>();
+  const T* qinv = q.inv.data_ptr<T>();
+  const T* rsq = r.sqnorm.data_ptr<T>();
+  const T* rinv = r.inv.data_ptr<T>();
   const auto before = [](const Cand<T>& a, const Cand<T>& b) {
     return knn_before(a.d, a.i, b.d, b.i);
   };
@@ -86,14 +89,14 @@ void knn_rows(const Prepared& q, const Prepared& r, int64_t k, int64_t self_offs
         const int64_t self = self_offset >= 0 ? self_offset + row : -1;
         const T* g = gp + i * Mc;
         const T* qi = qe + row * D;
-        const T aq = qaux[row];
+        const T sq_q = qsq[row], inv_q = qinv[row];
         heap.clear();
         // The worst kept candidate. Columns ascend, so a candidate equal to it never wins the
         // tie (it has the higher index); a NaN worst loses to any number.
         T worst = 0;
         bool worst_nan = false;
         for (int64_t j = 0; j < Mc; ++j) {
-          const T key = knn_key<M>(g[j], qi, re + j * D, D, aq, raux[j]);
+          const T key = knn_key<M>(g[j], qi, re + j * D, D, sq_q, inv_q, rsq[j], rinv[j]);
           if (static_cast<int64_t>(heap.size()) < k) {
             if (j == self) continue;
             heap.push_back({key, j});
