@@ -123,10 +123,13 @@ TC_HOST_DEVICE inline T finish(T v) {
 }
 
 // Distance from the explicit sum over k of (a_k - b_k)^2 (Euclidean metrics) or a_k b_k
-// (cosine), with the NaN rule applied to an overflowing or non-finite sum.
+// (cosine), with the NaN rule: NaN when the sum overflows or is not finite, and when a row's
+// squared norm is not finite, which its inverse norm inv = 1 / max(||x||, eps) shows as 0
+// (an Inf or overflowing norm) or NaN. So two huge rows close to each other are NaN here as
+// in the Gram form, never a finite distance that the mining ranked as NaN.
 template <Metric M, typename T>
 TC_HOST_DEVICE inline T exact_distance(T sum, T inv_a, T inv_b) {
-  if (!is_finite(sum)) return quiet_nan<T>();
+  if (!is_finite(sum) || !(inv_a > T(0)) || !(inv_b > T(0))) return quiet_nan<T>();
   if constexpr (M == Metric::kCosine) {
     return finish<M>(sum * inv_a * inv_b);
   } else {

@@ -130,3 +130,32 @@ def test_finite_inputs_stay_finite_near_the_overflow_edge(device, loss):
     expected = ref(x.double(), labels, margin=0.0)
     assert torch.isfinite(value)
     torch.testing.assert_close(value.double(), expected, rtol=1e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_overflowing_rows_close_to_each_other_are_nan_too(device, metric, loss):
+    """Rows whose float32 squared norms overflow but whose differences are small: the exact
+    recomputation of a mined pair must not turn the NaN the mining saw into a finite value."""
+    x = torch.tensor([[1e20, 0.0], [1e20, 0.0], [1e20, 1e6], [1e20, 2e6]], device=device)
+    labels = torch.tensor([0, 0, 1, 1], device=device)
+    assert torch.isnan(LOSSES[loss](x, labels, metric=metric))
+    m = tc.batch_hard_mine(x, labels, metric=metric)
+    assert torch.isnan(m.pos_dist).all() and torch.isnan(m.neg_dist).all()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("n", [17, 18])  # 17: the fused CPU paths; 18: the fallback (a class of 18)
+@pytest.mark.parametrize("loss", ["batch_all", "semi_hard", "batch_hard"])
+def test_nothing_valid_gives_zero_loss_and_zero_gradient_even_with_nan(device, n, loss):
+    """One class: no negative anywhere, so the loss is the constant 0 and its gradient is 0,
+    whatever the embeddings hold (the NaN rule applies to terms that exist)."""
+    x = torch.randn(n, 5, dtype=torch.float64, device=device)
+    x[3, 1] = float("nan")
+    x.requires_grad_(True)
+    labels = torch.zeros(n, dtype=torch.int64, device=device)
+    value = LOSSES[loss](x, labels)
+    (grad,) = torch.autograd.grad(value, x)
+    assert value.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))

@@ -231,15 +231,19 @@ torch.library.register_autograd(_LIB + "batch_hard_mine", _hard_backward, setup_
 
 def _loss_setup(ctx, inputs, output):
     embeddings, labels, margin, metric = inputs
-    ctx.save_for_backward(embeddings, labels)
+    ctx.save_for_backward(embeddings, labels, output[1])
     ctx.margin = margin
     ctx.metric = metric
 
 
 def _make_loss_backward(backward_op):
     def backward(ctx, g_loss_sum, g_num_valid, g_num_positive):
-        embeddings, labels = ctx.saved_tensors
+        embeddings, labels, num_valid = ctx.saved_tensors
         grad = backward_op(g_loss_sum, embeddings, labels, ctx.margin, ctx.metric)
+        # With nothing valid the loss is the constant 0: its gradient is 0, also where a
+        # non-finite embedding would put NaN distances (0 * NaN) into the backward's GEMMs.
+        # A select, not a branch: no host sync on CUDA.
+        grad = torch.where(num_valid > 0, grad, torch.zeros_like(grad))
         return grad, None, None, None
 
     return backward

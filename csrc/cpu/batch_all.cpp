@@ -3,7 +3,7 @@
 // and each negative's active positives (d_ap - d_an + margin > 0), a suffix of them, are found
 // by binary search, suffix sums giving the sum of its active terms. O(N^2 min(K, log K)) time
 // for K positives per anchor, O(block * N) memory.
-#include <torch/library.h>
+#include "ops_cpu.h"
 
 #include <algorithm>
 #include <optional>
@@ -162,11 +162,12 @@ RowTotals fused_forward(const Prepared& p, const int64_t* lab, const Positives<T
   for (int64_t a = 0; a < N; ++a) {
     const int64_t valid = pos.count[a] * pos.negatives[a];
     if (valid == 0) continue;
-    for (int k = 0; k < pos.count[a]; ++k) nan |= epi::is_nan(pos.dist[a * K + k]);
-    nan |= acc[a].nan;
+    bool row_nan = acc[a].nan;
+    for (int k = 0; k < pos.count[a]; ++k) row_nan |= epi::is_nan(pos.dist[a * K + k]);
+    nan |= row_nan;
     total.sum += acc[a].sum;
     total.valid += valid;
-    total.positive += acc[a].active;
+    total.positive += row_nan ? 0 : acc[a].active;  // a NaN row counts no active term (as CUDA)
   }
   if (nan) total.sum = epi::quiet_nan<double>();  // the NaN rule
   return total;
@@ -265,6 +266,8 @@ at::Tensor fused_backward(const Prepared& p, const int64_t* lab, const Positives
   return grad;
 }
 
+}  // namespace
+
 // embeddings: (N, D), labels: (N,) -> (loss_sum 0-d accumulation dtype, num_valid 0-d int64,
 // num_positive 0-d int64). Few positives: the fused pass; many: the row policy above.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_forward(const at::Tensor& embeddings,
@@ -312,13 +315,6 @@ at::Tensor batch_all_backward(const at::Tensor& grad_loss_sum, const at::Tensor&
     return loss_backward<BatchAllRows>(grad_loss_sum, embeddings, labels, margin, metric);
   }
   return grad.to(embeddings.scalar_type());
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) {
-  m.impl("batch_all_loss", &batch_all_forward);
-  m.impl("batch_all_loss_backward", &batch_all_backward);
 }
 
 }  // namespace cpu

@@ -4,7 +4,7 @@
 
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
+#include "ops_cpu.h"
 
 #include <limits>
 #include <vector>
@@ -107,6 +107,8 @@ HardMined mine_batch_hard(const Prepared& p, const at::Tensor& labels, Metric me
 
 namespace {
 
+}  // namespace
+
 // embeddings: (N, D), labels: (N,) -> (pos_dist (N), pos_idx (N) int64, neg_dist (N),
 // neg_idx (N) int64); distances in the dtype of embeddings.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_cpu(
@@ -205,13 +207,6 @@ at::Tensor batch_hard_mine_backward_cpu(const at::Tensor& grad_pos_dist,
     });
   });
   return grad.to(embeddings.scalar_type());
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) {
-  m.impl("batch_hard_mine", &batch_hard_mine_cpu);
-  m.impl("batch_hard_mine_backward", &batch_hard_mine_backward_cpu);
 }
 
 }  // namespace cpu

@@ -3,7 +3,7 @@
 // computed once (about half the GEMM work of full rows). The backward recomputes the same
 // blocks and turns the per-pair weights into the gradient with two GEMMs per block
 // (one-sided: each pair i < j feeds both rows). Deterministic: fixed block and sum orders.
-#include <torch/library.h>
+#include "ops_cpu.h"
 
 #include <algorithm>
 #include <vector>
@@ -26,6 +26,8 @@ void for_each_upper_block(const Prepared& p, Metric m, int64_t bytes_per_elem, F
     fn(r0, b, dist);
   }
 }
+
+}  // namespace
 
 // embeddings: (N, D), labels: (N,) -> (loss_sum 0-d accumulation dtype, num_valid 0-d int64,
 // num_positive 0-d int64).
@@ -106,13 +108,6 @@ at::Tensor contrastive_backward(const at::Tensor& grad_loss_sum, const at::Tenso
     });
   });
   return grad.to(embeddings.scalar_type());
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) {
-  m.impl("contrastive_loss", &contrastive_forward);
-  m.impl("contrastive_loss_backward", &contrastive_backward);
 }
 
 }  // namespace cpu

@@ -6,7 +6,7 @@
 // (+inf included). The Euclidean metric is ranked by the squared distance (its square root is
 // taken for the k kept), so "equal" means equal squared distances there. Rows with fewer than k candidates (M < k, or M - 1 < k when the query's
 // own row is excluded) are padded with distance +inf and index -1.
-#include <torch/library.h>
+#include "ops_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -133,6 +133,8 @@ void knn_rows(const Prepared& q, const Prepared& r, int64_t k, int64_t self_offs
   }
 }
 
+}  // namespace
+
 // query: (N, D), ref: (M, D) -> (dist (N, k) in the dtype of query, idx (N, k) int64).
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& ref,
                                            int64_t k, int64_t metric, int64_t self_offset) {
@@ -154,10 +156,6 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Te
   });
   return {dist.to(query.scalar_type()), idx};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) { m.impl("knn", &knn_cpu); }
 
 }  // namespace cpu
 }  // namespace triplet_cuda

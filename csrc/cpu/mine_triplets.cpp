@@ -1,7 +1,7 @@
 // mine_triplets on CPU: (anchor, positive, negative) index triplets for a mining strategy,
 // sorted by (anchor, positive, negative).
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
+#include "ops_cpu.h"
 
 #include <utility>
 #include <vector>
@@ -93,6 +93,8 @@ Triplets semi_hard_triplets(const Prepared& p, const at::Tensor& lab, Metric m) 
   return {A, P, Ng};
 }
 
+}  // namespace
+
 // embeddings: (N, D), labels: (N,), strategy 0 batch_hard / 1 batch_all / 2 semi_hard
 // -> (anchor (T,), positive (T,), negative (T,)) int64.
 Triplets mine_triplets_cpu(const at::Tensor& embeddings, const at::Tensor& labels,
@@ -111,10 +113,6 @@ Triplets mine_triplets_cpu(const at::Tensor& embeddings, const at::Tensor& label
       return semi_hard_triplets(prepare(embeddings, m), lab, m);
   }
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) { m.impl("mine_triplets", &mine_triplets_cpu); }
 
 }  // namespace cpu
 }  // namespace triplet_cuda

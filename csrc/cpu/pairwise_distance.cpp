@@ -1,6 +1,6 @@
 // pairwise_distance on CPU: one GEMM plus a fused distance epilogue; backward as two GEMMs.
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
+#include "ops_cpu.h"
 
 #include "../checks.h"
 #include "distance.h"
@@ -12,6 +12,8 @@ namespace {
 void check_pair(const at::Tensor& x, const at::Tensor& y, int64_t metric) {
   check_pair_args(x, y, metric, c10::kCPU);
 }
+
+}  // namespace
 
 // x: (N, D), y: (M, D) -> (N, M) distances in x's dtype.
 at::Tensor pairwise_distance_cpu(const at::Tensor& x, const at::Tensor& y, int64_t metric) {
@@ -41,13 +43,6 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tens
     accumulate_distance_grad(W, d, px, 0, py, m, gx, gy);
   }
   return {gx.to(x.scalar_type()), gy.to(y.scalar_type())};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) {
-  m.impl("pairwise_distance", &pairwise_distance_cpu);
-  m.impl("pairwise_distance_backward", &pairwise_distance_backward_cpu);
 }
 
 }  // namespace cpu

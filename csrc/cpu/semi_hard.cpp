@@ -4,7 +4,7 @@
 // to the lowest index, NaN farthest), each pair's distance serving both of its anchors; the
 // backward re-mines and differentiates only the chosen pairs. Many positives: the row policy
 // of semi_hard.h (negatives sorted once, binary search per positive) over full rows.
-#include <torch/library.h>
+#include "ops_cpu.h"
 
 #include <optional>
 
@@ -13,6 +13,8 @@
 namespace triplet_cuda {
 namespace cpu {
 namespace {
+
+}  // namespace
 
 // embeddings: (N, D), labels: (N,) -> (loss_sum 0-d accumulation dtype, num_valid 0-d int64,
 // num_positive 0-d int64).
@@ -91,13 +93,6 @@ at::Tensor semi_hard_backward(const at::Tensor& grad_loss_sum, const at::Tensor&
     return loss_backward<SemiHardRows>(grad_loss_sum, embeddings, labels, margin, metric);
   }
   return grad.to(embeddings.scalar_type());
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) {
-  m.impl("semi_hard_loss", &semi_hard_forward);
-  m.impl("semi_hard_loss_backward", &semi_hard_backward);
 }
 
 }  // namespace cpu

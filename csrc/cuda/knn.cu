@@ -5,7 +5,7 @@
 //     columns (local memory), then k rounds of a block-wide minimum merge the thread lists;
 //   * larger k: a stable segmented sort of the chunk, then the first k entries without the
 //     query's own column.
-// Order (both paths, as on the CPU): ascending distance, ties by the lowest reference index,
+// Order (both paths, as on the CPU): ascending distance (squared for Euclidean), ties by the lowest reference index,
 // NaN after every number; rows with fewer than k candidates are padded with +inf / -1.
 #include <torch/library.h>
 
@@ -137,7 +137,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
       acc_t* out_d = dist.data_ptr<acc_t>() + r0 * k;
       int64_t* out_i = idx.data_ptr<int64_t>() + r0 * k;
       TC_METRIC_SWITCH(metric, kM, [&] {
-        launch_distance<scalar_t, acc_t, acc_t, kM>(
+        // Euclidean neighbours are selected on squared distances, as on the CPU (the square
+        // root of adjacent float squares can merge them into a tie the CPU does not see);
+        // the k outputs get their square root at the end.
+        constexpr Metric kKey = kM == Metric::kEuclidean ? Metric::kSquaredEuclidean : kM;
+        launch_distance<scalar_t, acc_t, acc_t, kKey>(
             q.data_ptr<scalar_t>() + r0 * D, row_stats_view<acc_t>(sq).shifted(r0), b,
             r.data_ptr<scalar_t>(), row_stats_view<acc_t>(sr), M, D, ws.data_ptr<acc_t>(), M,
             stream);
@@ -164,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
       }
     }
   });
+  if (static_cast<Metric>(metric) == Metric::kEuclidean) dist.sqrt_();
   return {dist.to(q.scalar_type()), idx};
 }
 
