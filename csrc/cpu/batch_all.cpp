@@ -6,7 +6,6 @@
 #include "ops_cpu.h"
 
 #include <algorithm>
-#include <optional>
 #include <utility>
 #include <vector>
 
@@ -151,7 +150,7 @@ RowTotals fused_forward(const Prepared& p, const int64_t* lab, const Positives<T
   const int64_t N = p.rows();
   constexpr int K = kFusedMaxPositives;
   std::vector<AnchorAcc<T>> acc(N);
-  auto visit = [&](int64_t a, int64_t, T d) {
+  auto visit = [&](int64_t a, int64_t, T d, int64_t) {
     AnchorAcc<T>& s = acc[a];
     s.nan |= epi::is_nan(d);
     epi::batch_all_negative(pos.dist.data() + a * K, pos.count[a], d, margin, &s.sum, &s.active);
@@ -182,9 +181,8 @@ at::Tensor fused_backward(const Prepared& p, const int64_t* lab, const Positives
   // active[a][k]: negatives active with anchor a's positive k (integer: exact in any order).
   std::vector<int64_t> active(N * K, 0);
   std::vector<char> nan(N, 0);
-  at::Tensor W;
+  at::Tensor W;  // the current block's weights, (b, N - r0)
   T* wp = nullptr;
-  int64_t ldw = 0;
   // Weight of d(a, n) for anchor a: -g * (number of a's positives active with n).
   auto count = [&](int64_t a, T d) {
     const T* dap = pos.dist.data() + a * K;
@@ -198,43 +196,19 @@ at::Tensor fused_backward(const Prepared& p, const int64_t* lab, const Positives
     nan[a] |= epi::is_nan(d);
     return -g * static_cast<T>(c);
   };
-  const int64_t B = block_rows(N, N, 2 * sizeof(T));
-  for (int64_t r0 = 0; r0 < N; r0 += B) {
-    const int64_t b = std::min(B, N - r0), C = N - r0;
-    at::Tensor dist = distance_block(p, r0, b, p, r0, C, M);
-    W = at::zeros_like(dist);
-    wp = W.data_ptr<T>();
-    ldw = C;
-    const T* dp = dist.data_ptr<T>();
-    // The block's rows: every candidate of [r0, N). Inside the block's square both (i, j) and
-    // (j, i) are visited, each carrying one direction's weight; beyond it the column phase
-    // adds the other direction to the same entry.
-    at::parallel_for(0, b, row_grain(C), [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t a = r0 + i;
-        const T* d = dp + i * C;
-        for (int64_t j = 0; j < C; ++j) {
-          if (lab[r0 + j] != lab[a]) wp[i * ldw + j] = count(a, d[j]);
-        }
-      }
-    });
-    constexpr int64_t kColChunk = 64;
-    const int64_t chunks = (C - b + kColChunk - 1) / kColChunk;
-    at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(b * kColChunk)),
-                     [&](int64_t lo, int64_t hi) {
-                       for (int64_t q = lo; q < hi; ++q) {
-                         const int64_t j0 = b + q * kColChunk, j1 = std::min(C, j0 + kColChunk);
-                         for (int64_t i = 0; i < b; ++i) {
-                           const int64_t a = r0 + i;
-                           const T* d = dp + i * C;
-                           for (int64_t j = j0; j < j1; ++j) {
-                             if (lab[r0 + j] != lab[a]) wp[i * ldw + j] += count(r0 + j, d[j]);
-                           }
-                         }
-                       }
-                     });
-    accumulate_distance_grad(W, dist, p, r0, p, r0, M, grad, grad);
-  }
+  // Each (anchor, negative) pair adds its anchor's weight to the block entry of its distance:
+  // inside the block's square (i, j) and (j, i) are both entries, each carrying one direction;
+  // beyond it both directions land on the same entry. The gradient GEMMs then run per block.
+  upper_triangle_pass<T, M>(
+      p, lab, 2 * sizeof(T),
+      [&](int64_t, int64_t, at::Tensor& dist) {
+        W = at::zeros_like(dist);
+        wp = W.data_ptr<T>();
+      },
+      [&](int64_t a, int64_t, T d, int64_t e) { wp[e] += count(a, d); },
+      [&](int64_t r0, int64_t, at::Tensor& dist) {
+        accumulate_distance_grad(W, dist, p, r0, p, r0, M, grad, grad);
+      });
   // Positive pairs: row j owns its gradient; pair (j, p) carries the counts of both
   // directions (j's positive p, and p's positive j).
   const T* e = p.e.data_ptr<T>();
@@ -266,55 +240,32 @@ at::Tensor fused_backward(const Prepared& p, const int64_t* lab, const Positives
   return grad;
 }
 
+// Few positives per anchor: the fused pass; many: the row policy over full rows.
+template <typename T, Metric M>
+struct BatchAll {
+  static RowTotals forward(const Prepared& p, const int64_t* lab, T margin) {
+    const Positives<T> pos = collect_positives<T, M>(p, lab);
+    if (!pos.fits) return rows_forward<T, M, BatchAllRows>(p, lab, margin);
+    return fused_forward<T, M>(p, lab, pos, margin);
+  }
+  static at::Tensor backward(const Prepared& p, const int64_t* lab, T margin, T g) {
+    const Positives<T> pos = collect_positives<T, M>(p, lab);
+    if (!pos.fits) return rows_backward<T, M, BatchAllRows>(p, lab, margin, g);
+    return fused_backward<T, M>(p, lab, pos, margin, g);
+  }
+};
+
 }  // namespace
 
-// embeddings: (N, D), labels: (N,) -> (loss_sum 0-d accumulation dtype, num_valid 0-d int64,
-// num_positive 0-d int64). Few positives: the fused pass; many: the row policy above.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_forward(const at::Tensor& embeddings,
                                                                 const at::Tensor& labels,
                                                                 double margin, int64_t metric) {
-  const at::Tensor lab = check_batch(embeddings, labels, metric);
-  const Metric m = static_cast<Metric>(metric);
-  const Prepared p = prepare(embeddings, m);
-  std::optional<RowTotals> total;
-  AT_DISPATCH_FLOATING_TYPES(p.e.scalar_type(), "batch_all_forward", [&] {
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      const Positives<scalar_t> pos = collect_positives<scalar_t, kM>(p, lab.data_ptr<int64_t>());
-      if (pos.fits) {
-        total = fused_forward<scalar_t, kM>(p, lab.data_ptr<int64_t>(), pos,
-                                            static_cast<scalar_t>(margin));
-      }
-    });
-  });
-  if (!total) return loss_forward<BatchAllRows>(embeddings, labels, margin, metric);
-  return {acc_scalar(total->sum, p.e), long_scalar(total->valid, p.e),
-          long_scalar(total->positive, p.e)};
+  return loss_forward<BatchAll>(embeddings, labels, margin, metric);
 }
 
-// grad_loss_sum: 0-d; embeddings: (N, D); labels: (N,) -> grad (N, D) in the embeddings' dtype.
 at::Tensor batch_all_backward(const at::Tensor& grad_loss_sum, const at::Tensor& embeddings,
                               const at::Tensor& labels, double margin, int64_t metric) {
-  const at::Tensor lab = check_batch(embeddings, labels, metric);
-  TORCH_CHECK(grad_loss_sum.numel() == 1, "triplet_cuda: grad_loss_sum must have one element, got ",
-              grad_loss_sum.sizes());
-  const Metric m = static_cast<Metric>(metric);
-  const Prepared p = prepare(embeddings, m);
-  if (p.rows() == 0) return at::zeros_like(embeddings, at::MemoryFormat::Contiguous);
-  at::Tensor grad;
-  AT_DISPATCH_FLOATING_TYPES(p.e.scalar_type(), "batch_all_backward", [&] {
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      const Positives<scalar_t> pos = collect_positives<scalar_t, kM>(p, lab.data_ptr<int64_t>());
-      if (pos.fits) {
-        grad = fused_backward<scalar_t, kM>(p, lab.data_ptr<int64_t>(), pos,
-                                            static_cast<scalar_t>(margin),
-                                            grad_loss_sum.item<scalar_t>());
-      }
-    });
-  });
-  if (!grad.defined()) {
-    return loss_backward<BatchAllRows>(grad_loss_sum, embeddings, labels, margin, metric);
-  }
-  return grad.to(embeddings.scalar_type());
+  return loss_backward<BatchAll>(grad_loss_sum, embeddings, labels, margin, metric);
 }
 
 }  // namespace cpu

@@ -29,12 +29,9 @@ void mine_rows(const Prepared& p, const int64_t* lab, T* pd, int64_t* pi, T* nd,
   const T* inv = p.inv.data_ptr<T>();
   std::vector<epi::ArgFarthest<T>> pos(N);
   std::vector<epi::ArgNearest<T>> neg(N);
-  // Rows per block: the (b, N - r0) distance block stays near 8 MiB.
-  const int64_t B = block_rows(N, N, sizeof(T));
   constexpr int64_t kColChunk = 64;
-  for (int64_t r0 = 0; r0 < N; r0 += B) {
-    const int64_t b = std::min(B, N - r0), C = N - r0;
-    const at::Tensor dist = distance_block(p, r0, b, p, r0, C, M);
+  for_each_upper_block(p, M, sizeof(T), [&](int64_t r0, int64_t b, const at::Tensor& dist) {
+    const int64_t C = N - r0;
     const T* dp = dist.data_ptr<T>();
     // Rows of the block: candidates [r0, N).
     at::parallel_for(0, b, row_grain(C), [&](int64_t lo, int64_t hi) {
@@ -73,7 +70,7 @@ void mine_rows(const Prepared& p, const int64_t* lab, T* pd, int64_t* pi, T* nd,
         }
       }
     });
-  }
+  });
   // The mined distances are recomputed exactly from the rows (no Gram cancellation).
   at::parallel_for(0, N, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t a = lo; a < hi; ++a) {

@@ -120,6 +120,20 @@ void for_each_distance_row(const Prepared& x, const Prepared& y, RowFn&& row_fn)
   }
 }
 
+// Upper-triangle row blocks of x against itself: calls fn(r0, b, dist) for consecutive row
+// blocks, dist the (b, N - r0) distances of rows [r0, r0 + b) against rows [r0, N), so every
+// pair is computed once. bytes_per_elem (all per-element workspaces together) sizes the block.
+template <typename Fn>
+void for_each_upper_block(const Prepared& p, Metric m, int64_t bytes_per_elem, Fn&& fn) {
+  const int64_t N = p.rows();
+  const int64_t B = block_rows(N, N, bytes_per_elem);
+  for (int64_t r0 = 0; r0 < N; r0 += B) {
+    const int64_t b = std::min(B, N - r0);
+    at::Tensor dist = distance_block(p, r0, b, p, r0, N - r0, m);
+    fn(r0, b, dist);
+  }
+}
+
 // Gradient of a loss that is a function of the distance matrix of x with itself:
 // weight_fn(i, dist_row, weight_row) writes d loss / d d(x_i, x_j) for all j of row i.
 // Returns (N, D) in the accumulation dtype. Deterministic: the per-block matrix products

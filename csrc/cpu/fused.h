@@ -91,18 +91,20 @@ Positives<T> collect_positives(const Prepared& p, const int64_t* lab) {
   return r;
 }
 
-// Runs the upper-triangle pass: visit(anchor, candidate, distance) is called for every
-// ordered (anchor, negative candidate) pair exactly once (labels differ), from the thread
-// that owns the anchor in that phase. bytes_per_elem sizes the distance block.
-template <typename T, Metric M, typename Visit>
+// Runs the upper-triangle pass over for_each_upper_block: visit(anchor, candidate, distance,
+// e) is called for every ordered (anchor, negative candidate) pair exactly once (labels
+// differ), from the thread that owns the anchor in that phase; e is the pair's offset in the
+// (b, N - r0) block (the block's rows visit (i, j) as anchor r0 + i, the later candidates as
+// anchor r0 + j). before_block(r0, b, dist) runs before a block's visits, after_block(r0, b,
+// dist) once both of its phases are done.
+template <typename T, Metric M, typename BeforeBlock, typename Visit, typename AfterBlock>
 void upper_triangle_pass(const Prepared& p, const int64_t* lab, int64_t bytes_per_elem,
-                         Visit&& visit) {
+                         BeforeBlock&& before_block, Visit&& visit, AfterBlock&& after_block) {
   const int64_t N = p.rows();
-  const int64_t B = block_rows(N, N, bytes_per_elem);
   constexpr int64_t kColChunk = 64;
-  for (int64_t r0 = 0; r0 < N; r0 += B) {
-    const int64_t b = std::min(B, N - r0), C = N - r0;
-    const at::Tensor dist = distance_block(p, r0, b, p, r0, C, M);
+  for_each_upper_block(p, M, bytes_per_elem, [&](int64_t r0, int64_t b, at::Tensor& dist) {
+    before_block(r0, b, dist);
+    const int64_t C = N - r0;
     const T* dp = dist.data_ptr<T>();
     // The block's rows: every candidate of [r0, N).
     at::parallel_for(0, b, row_grain(C), [&](int64_t lo, int64_t hi) {
@@ -110,7 +112,7 @@ void upper_triangle_pass(const Prepared& p, const int64_t* lab, int64_t bytes_pe
         const int64_t a = r0 + i;
         const T* d = dp + i * C;
         for (int64_t j = 0; j < C; ++j) {
-          if (lab[r0 + j] != lab[a]) visit(a, r0 + j, d[j]);
+          if (lab[r0 + j] != lab[a]) visit(a, r0 + j, d[j], i * C + j);
         }
       }
     });
@@ -124,14 +126,21 @@ void upper_triangle_pass(const Prepared& p, const int64_t* lab, int64_t bytes_pe
                            const int64_t a = r0 + i;
                            const T* d = dp + i * C;
                            for (int64_t j = j0; j < j1; ++j) {
-                             if (lab[r0 + j] != lab[a]) visit(r0 + j, a, d[j]);
+                             if (lab[r0 + j] != lab[a]) visit(r0 + j, a, d[j], i * C + j);
                            }
                          }
                        }
                      });
-  }
+    after_block(r0, b, dist);
+  });
 }
 
+template <typename T, Metric M, typename Visit>
+void upper_triangle_pass(const Prepared& p, const int64_t* lab, int64_t bytes_per_elem,
+                         Visit&& visit) {
+  const auto none = [](int64_t, int64_t, at::Tensor&) {};
+  upper_triangle_pass<T, M>(p, lab, bytes_per_elem, none, visit, none);
+}
 
 // One differentiable pair of a sparse backward: g * d(x_a, x_b), d the pair's distance.
 template <typename T>

@@ -6,93 +6,73 @@
 // of semi_hard.h (negatives sorted once, binary search per positive) over full rows.
 #include "ops_cpu.h"
 
-#include <optional>
-
 #include "semi_hard.h"
 
 namespace triplet_cuda {
 namespace cpu {
 namespace {
 
+template <typename T, Metric M>
+struct SemiHard {
+  // Calls fn(a, k, term) for every valid (anchor a, its k-th positive) of the fused mining,
+  // in ascending (a, k); returns whether a valid anchor's row holds a NaN (the NaN rule).
+  template <typename Fn>
+  static bool for_each_pair(const Positives<T>& pos, const SemiHardMined<T>& mined, T margin,
+                            Fn&& fn) {
+    constexpr int K = kFusedMaxPositives;
+    for (int64_t a = 0; a < pos.N; ++a) {
+      if (pos.negatives[a] == 0) continue;
+      for (int k = 0; k < pos.count[a]; ++k) {
+        fn(a, k, pos.dist[a * K + k] - mined.neg_dist[a * K + k] + margin);
+      }
+    }
+    return mined.any_nan;
+  }
+
+  static RowTotals forward(const Prepared& p, const int64_t* lab, T margin) {
+    const Positives<T> pos = collect_positives<T, M>(p, lab);
+    if (!pos.fits) return rows_forward<T, M, SemiHardRows>(p, lab, margin);
+    RowTotals t;
+    const bool nan = for_each_pair(pos, mine_fused<T, M>(p, lab, pos), margin,
+                                   [&](int64_t, int, T term) {
+                                     ++t.valid;
+                                     if (term > T(0)) {
+                                       t.sum += term;
+                                       ++t.positive;
+                                     }
+                                   });
+    if (nan && t.valid > 0) t.sum = epi::quiet_nan<double>();  // the NaN rule
+    return t;
+  }
+
+  static at::Tensor backward(const Prepared& p, const int64_t* lab, T margin, T g) {
+    const Positives<T> pos = collect_positives<T, M>(p, lab);
+    if (!pos.fits) return rows_backward<T, M, SemiHardRows>(p, lab, margin, g);
+    constexpr int K = kFusedMaxPositives;
+    const SemiHardMined<T> mined = mine_fused<T, M>(p, lab, pos);
+    std::vector<WeightedPair<T>> pairs;
+    const bool nan = for_each_pair(pos, mined, margin, [&](int64_t a, int k, T term) {
+      if (!(term > T(0))) return;
+      pairs.push_back({a, pos.idx[a * K + k], g, pos.dist[a * K + k]});
+      pairs.push_back({a, mined.neg[a * K + k], -g, mined.neg_dist[a * K + k]});
+    });
+    at::Tensor grad = sparse_pair_backward<T, M>(p, pairs);
+    if (nan) grad.fill_(epi::quiet_nan<T>());  // the NaN rule
+    return grad;
+  }
+};
+
 }  // namespace
 
-// embeddings: (N, D), labels: (N,) -> (loss_sum 0-d accumulation dtype, num_valid 0-d int64,
-// num_positive 0-d int64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_forward(const at::Tensor& embeddings,
                                                                 const at::Tensor& labels,
                                                                 double margin, int64_t metric) {
-  const at::Tensor lab = check_batch(embeddings, labels, metric);
-  const Metric m = static_cast<Metric>(metric);
-  const Prepared p = prepare(embeddings, m);
-  std::optional<RowTotals> total;
-  AT_DISPATCH_FLOATING_TYPES(p.e.scalar_type(), "semi_hard_forward", [&] {
-    using T = scalar_t;
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      const int64_t* l = lab.data_ptr<int64_t>();
-      const Positives<T> pos = collect_positives<T, kM>(p, l);
-      if (!pos.fits) return;
-      const SemiHardMined<T> mined = mine_fused<T, kM>(p, l, pos);
-      constexpr int K = kFusedMaxPositives;
-      const T mg = static_cast<T>(margin);
-      RowTotals t;
-      for (int64_t a = 0; a < p.rows(); ++a) {
-        if (pos.negatives[a] == 0) continue;
-        for (int k = 0; k < pos.count[a]; ++k) {
-          const T term = pos.dist[a * K + k] - mined.neg_dist[a * K + k] + mg;
-          ++t.valid;
-          if (term > T(0)) {
-            t.sum += term;
-            ++t.positive;
-          }
-        }
-      }
-      if (mined.any_nan && t.valid > 0) t.sum = epi::quiet_nan<double>();  // the NaN rule
-      total = t;
-    });
-  });
-  if (!total) return loss_forward<SemiHardRows>(embeddings, labels, margin, metric);
-  return {acc_scalar(total->sum, p.e), long_scalar(total->valid, p.e),
-          long_scalar(total->positive, p.e)};
+  return loss_forward<SemiHard>(embeddings, labels, margin, metric);
 }
 
-// grad_loss_sum: 0-d; embeddings: (N, D); labels: (N,) -> grad (N, D) in the embeddings' dtype.
 at::Tensor semi_hard_backward(const at::Tensor& grad_loss_sum, const at::Tensor& embeddings,
                               const at::Tensor& labels, double margin, int64_t metric) {
-  const at::Tensor lab = check_batch(embeddings, labels, metric);
-  TORCH_CHECK(grad_loss_sum.numel() == 1, "triplet_cuda: grad_loss_sum must have one element, got ",
-              grad_loss_sum.sizes());
-  const Metric m = static_cast<Metric>(metric);
-  const Prepared p = prepare(embeddings, m);
-  if (p.rows() == 0) return at::zeros_like(embeddings, at::MemoryFormat::Contiguous);
-  at::Tensor grad;
-  AT_DISPATCH_FLOATING_TYPES(p.e.scalar_type(), "semi_hard_backward", [&] {
-    using T = scalar_t;
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      const int64_t* l = lab.data_ptr<int64_t>();
-      const Positives<T> pos = collect_positives<T, kM>(p, l);
-      if (!pos.fits) return;
-      const SemiHardMined<T> mined = mine_fused<T, kM>(p, l, pos);
-      constexpr int K = kFusedMaxPositives;
-      const T mg = static_cast<T>(margin);
-      const T g = grad_loss_sum.item<T>();
-      std::vector<WeightedPair<T>> pairs;
-      for (int64_t a = 0; a < p.rows(); ++a) {
-        if (pos.negatives[a] == 0) continue;
-        for (int k = 0; k < pos.count[a]; ++k) {
-          const T dap = pos.dist[a * K + k], dan = mined.neg_dist[a * K + k];
-          if (!(dap - dan + mg > T(0))) continue;
-          pairs.push_back({a, pos.idx[a * K + k], g, dap});
-          pairs.push_back({a, mined.neg[a * K + k], -g, dan});
-        }
-      }
-      grad = sparse_pair_backward<T, kM>(p, pairs);
-      if (mined.any_nan) grad.fill_(epi::quiet_nan<T>());  // the NaN rule
-    });
-  });
-  if (!grad.defined()) {
-    return loss_backward<SemiHardRows>(grad_loss_sum, embeddings, labels, margin, metric);
-  }
-  return grad.to(embeddings.scalar_type());
+  return loss_backward<SemiHard>(grad_loss_sum, embeddings, labels, margin, metric);
 }
 
 }  // namespace cpu

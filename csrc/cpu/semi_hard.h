@@ -162,7 +162,7 @@ inline SemiHardMined<T> mine_fused(const Prepared& p, const int64_t* lab, const 
       }
     }
   });
-  upper_triangle_pass<T, M>(p, lab, sizeof(T), [&](int64_t a, int64_t c, T d) {
+  upper_triangle_pass<T, M>(p, lab, sizeof(T), [&](int64_t a, int64_t c, T d, int64_t) {
     farthest[a].update(d, c);
     nan[a] |= epi::is_nan(d);
     const T* dap = pos.dist.data() + a * K;
