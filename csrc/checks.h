@@ -20,6 +20,39 @@ inline at::Tensor check_batch_args(const at::Tensor& embeddings, const at::Tenso
   return labels.to(at::kLong).contiguous();
 }
 
+// The reference set of a query-vs-reference op: ref (M, D) of the dtype, feature size and
+// device of embeddings (N, D); ref_labels (M,) integer; self_index (N,) int64 (which reference
+// row each anchor is, -1: none). Returns (ref_labels, self_index) as contiguous int64. The
+// values of self_index are range-checked by the caller where that costs no device sync (an out
+// of range one would only exclude nothing: the kernels compare it, never dereference it).
+inline std::pair<at::Tensor, at::Tensor> check_ref_args(const at::Tensor& embeddings,
+                                                        const at::Tensor& ref,
+                                                        const at::Tensor& ref_labels,
+                                                        const at::Tensor& self_index) {
+  TC_CHECK_EMBEDDINGS(ref, "ref");
+  TC_CHECK_SAME_DEVICE(embeddings, ref, "embeddings", "ref");
+  TORCH_CHECK(ref.scalar_type() == embeddings.scalar_type(),
+              "triplet_cuda: ref must have the dtype of embeddings (", embeddings.scalar_type(),
+              "), got ", ref.scalar_type());
+  TORCH_CHECK(ref.size(1) == embeddings.size(1),
+              "triplet_cuda: ref must have the feature size of embeddings (", embeddings.size(1),
+              "), got ", ref.size(1));
+  TORCH_CHECK(ref_labels.dim() == 1, "triplet_cuda: ref_labels must be a 1-D (M,) tensor, got ",
+              ref_labels.dim(), "-D with shape ", ref_labels.sizes());
+  TORCH_CHECK(!at::isFloatingType(ref_labels.scalar_type()) &&
+                  !at::isComplexType(ref_labels.scalar_type()) &&
+                  ref_labels.scalar_type() != at::kBool,
+              "triplet_cuda: ref_labels must have an integer dtype, got ", ref_labels.scalar_type());
+  TORCH_CHECK(ref_labels.size(0) == ref.size(0), "triplet_cuda: ref_labels must have length ",
+              ref.size(0), " (ref.size(0)), got ", ref_labels.size(0));
+  TC_CHECK_SAME_DEVICE(embeddings, ref_labels, "embeddings", "ref_labels");
+  TORCH_CHECK(self_index.scalar_type() == at::kLong,
+              "triplet_cuda: self_index must be int64, got ", self_index.scalar_type());
+  TC_CHECK_SHAPE(self_index, "self_index", embeddings.size(0));
+  TC_CHECK_SAME_DEVICE(embeddings, self_index, "embeddings", "self_index");
+  return {ref_labels.to(at::kLong).contiguous(), self_index.contiguous()};
+}
+
 // (x (N, D), y (M, D), metric) of pairwise_distance and its backward.
 inline void check_pair_args(const at::Tensor& x, const at::Tensor& y, int64_t metric,
                             c10::DeviceType device_type) {

@@ -77,4 +77,44 @@ TORCH_LIBRARY(triplet_cuda, m) {
   // k candidates are padded with +inf / -1. -> dist (N, k) in the dtype of query, idx (N, k)
   // int64. Not differentiable.
   m.def("knn(Tensor query, Tensor ref, int k, int metric, int self_offset) -> (Tensor, Tensor)");
+
+  // Query vs reference (the *_ref ops): anchors are the rows of embeddings (N, D) with labels
+  // (N,); positives and negatives (contrastive: pair partners) are the rows of ref (M, D), of
+  // the dtype, feature size and device of embeddings, with ref_labels (M,) integer.
+  // self_index (N,) int64: the reference row that is anchor i itself (never its positive nor
+  // its pair), -1 where none. Indices returned point into ref. Semantics as the ops above, over
+  // anchor x reference rows; contrastive sums ordered pairs (a, j), j != self_index[a]. The
+  // backward ops return (grad_embeddings (N, D), grad_ref (M, D)); with ref_grad false
+  // grad_ref is an empty (0,) tensor and costs no work.
+  m.def(
+      "batch_hard_mine_ref(Tensor embeddings, Tensor labels, Tensor ref, Tensor ref_labels,"
+      " Tensor self_index, int metric) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_hard_mine_ref_backward(Tensor grad_pos_dist, Tensor grad_neg_dist, Tensor embeddings,"
+      " Tensor ref, Tensor pos_dist, Tensor pos_idx, Tensor neg_dist, Tensor neg_idx, int metric,"
+      " bool ref_grad) -> (Tensor, Tensor)");
+  m.def(
+      "batch_all_loss_ref(Tensor embeddings, Tensor labels, Tensor ref, Tensor ref_labels,"
+      " Tensor self_index, float margin, int metric) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_all_loss_ref_backward(Tensor grad_loss_sum, Tensor embeddings, Tensor labels, Tensor ref,"
+      " Tensor ref_labels, Tensor self_index, float margin, int metric, bool ref_grad)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "semi_hard_loss_ref(Tensor embeddings, Tensor labels, Tensor ref, Tensor ref_labels,"
+      " Tensor self_index, float margin, int metric) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "semi_hard_loss_ref_backward(Tensor grad_loss_sum, Tensor embeddings, Tensor labels, Tensor ref,"
+      " Tensor ref_labels, Tensor self_index, float margin, int metric, bool ref_grad)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "contrastive_loss_ref(Tensor embeddings, Tensor labels, Tensor ref, Tensor ref_labels,"
+      " Tensor self_index, float margin, int metric) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "contrastive_loss_ref_backward(Tensor grad_loss_sum, Tensor embeddings, Tensor labels, Tensor ref,"
+      " Tensor ref_labels, Tensor self_index, float margin, int metric, bool ref_grad)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "mine_triplets_ref(Tensor embeddings, Tensor labels, Tensor ref, Tensor ref_labels,"
+      " Tensor self_index, int strategy, int metric) -> (Tensor, Tensor, Tensor)");
 }

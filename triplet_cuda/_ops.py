@@ -290,3 +290,148 @@ for _name in BACKWARD_OPS:
 def _(query, ref, k, metric, self_offset):
     n = query.shape[0]
     return query.new_empty((n, k)), query.new_empty((n, k), dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- query vs reference
+# The *_ref ops (csrc/ops.cpp): anchors from embeddings (N, D), candidates from ref (M, D),
+# self_index (N,) int64. Their backward ops take ref_grad = ctx.needs_input_grad of ref, so a
+# reference set that does not require grad costs no gradient work.
+REF_FORWARD_OPS = ("batch_hard_mine_ref", "batch_all_loss_ref", "semi_hard_loss_ref", "contrastive_loss_ref",
+                   "mine_triplets_ref")
+REF_BACKWARD_OPS = ("batch_hard_mine_ref_backward", "batch_all_loss_ref_backward", "semi_hard_loss_ref_backward",
+                    "contrastive_loss_ref_backward")
+
+for _name in REF_FORWARD_OPS + REF_BACKWARD_OPS:
+    for _device_type in ("cpu", "cuda"):
+        if torch.amp.is_autocast_available(_device_type):
+            torch.library.register_autocast(_LIB + _name, _device_type, torch.float32)
+
+
+def _fake_ref(embeddings, labels, ref, ref_labels, self_index):
+    _fake_same_device(embeddings, labels, "embeddings", "labels")
+    _fake_same_device(embeddings, ref, "embeddings", "ref")
+    _fake_same_device(embeddings, ref_labels, "embeddings", "ref_labels")
+    _fake_same_device(embeddings, self_index, "embeddings", "self_index")
+
+
+def _ref_grad_fake(ref, ref_grad):
+    if ref_grad:
+        return torch.empty_like(ref, memory_format=torch.contiguous_format)
+    return ref.new_empty((0,))
+
+
+@torch.library.register_fake(_LIB + "batch_hard_mine_ref")
+def _(embeddings, labels, ref, ref_labels, self_index, metric):
+    _fake_ref(embeddings, labels, ref, ref_labels, self_index)
+    n = embeddings.shape[0]
+    dist = embeddings.new_empty((n,))
+    idx = embeddings.new_empty((n,), dtype=torch.int64)
+    return dist, idx, torch.empty_like(dist), torch.empty_like(idx)
+
+
+@torch.library.register_fake(_LIB + "batch_hard_mine_ref_backward")
+def _(grad_pos_dist, grad_neg_dist, embeddings, ref, pos_dist, pos_idx, neg_dist, neg_idx, metric, ref_grad):
+    return torch.empty_like(embeddings, memory_format=torch.contiguous_format), _ref_grad_fake(ref, ref_grad)
+
+
+def _loss_ref_fake(embeddings, labels, ref, ref_labels, self_index, margin, metric):
+    _fake_ref(embeddings, labels, ref, ref_labels, self_index)
+    loss = embeddings.new_empty((), dtype=_acc_dtype(embeddings.dtype))
+    count = embeddings.new_empty((), dtype=torch.int64)
+    return loss, count, torch.empty_like(count)
+
+
+def _loss_ref_backward_fake(grad_loss_sum, embeddings, labels, ref, ref_labels, self_index, margin, metric,
+                            ref_grad):
+    return torch.empty_like(embeddings, memory_format=torch.contiguous_format), _ref_grad_fake(ref, ref_grad)
+
+
+for _name in ("batch_all_loss", "semi_hard_loss", "contrastive_loss"):
+    torch.library.register_fake(_LIB + _name + "_ref")(_loss_ref_fake)
+    torch.library.register_fake(_LIB + _name + "_ref_backward")(_loss_ref_backward_fake)
+
+
+@torch.library.register_fake(_LIB + "mine_triplets_ref")
+def _(embeddings, labels, ref, ref_labels, self_index, strategy, metric):
+    _fake_ref(embeddings, labels, ref, ref_labels, self_index)
+    ctx = torch.library.get_ctx()
+    t = ctx.new_dynamic_size()
+    idx = embeddings.new_empty((t,), dtype=torch.int64)
+    return idx, torch.empty_like(idx), torch.empty_like(idx)
+
+
+def _hard_ref_setup(ctx, inputs, output):
+    embeddings, labels, ref, ref_labels, self_index, metric = inputs
+    ctx.save_for_backward(embeddings, ref, *output)
+    ctx.metric = metric
+
+
+def _hard_ref_grad_torch(g_pos, g_neg, embeddings, ref, pos_idx, neg_idx, metric):
+    """The gradient of batch_hard_mine_ref in pure PyTorch (differentiable again), for
+    create_graph=True: -> (grad_embeddings, grad_ref)."""
+    acc = _acc_dtype(embeddings.dtype)
+    e, r = embeddings.to(acc), ref.to(acc)
+    ge, gr = torch.zeros_like(e), torch.zeros_like(r)
+    anchors = torch.arange(e.shape[0], device=e.device)
+    for g, idx in ((g_pos, pos_idx), (g_neg, neg_idx)):
+        keep = idx >= 0
+        a, b = anchors[keep], idx[keep]
+        ga, gb = _pair_grad_torch(e[a], r[b], metric)
+        w = g.to(acc)[keep][:, None]
+        ge = ge.index_add(0, a, w * ga)
+        gr = gr.index_add(0, b, w * gb)
+    return ge.to(embeddings.dtype), gr.to(ref.dtype)
+
+
+def _hard_ref_backward(ctx, g_pos_dist, g_pos_idx, g_neg_dist, g_neg_idx):
+    embeddings, ref, pos_dist, pos_idx, neg_dist, neg_idx = ctx.saved_tensors
+    if g_pos_dist is None:
+        g_pos_dist = torch.zeros_like(pos_dist)
+    if g_neg_dist is None:
+        g_neg_dist = torch.zeros_like(neg_dist)
+    ref_grad = ctx.needs_input_grad[2]
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        ge, gr = _hard_ref_grad_torch(g_pos_dist, g_neg_dist, embeddings, ref, pos_idx, neg_idx, ctx.metric)
+    else:
+        ge, gr = ops.batch_hard_mine_ref_backward(
+            g_pos_dist, g_neg_dist, embeddings, ref, pos_dist, pos_idx, neg_dist, neg_idx, ctx.metric, ref_grad
+        )
+    return ge, None, gr if ref_grad else None, None, None, None
+
+
+torch.library.register_autograd(_LIB + "batch_hard_mine_ref", _hard_ref_backward, setup_context=_hard_ref_setup)
+
+
+def _loss_ref_setup(ctx, inputs, output):
+    embeddings, labels, ref, ref_labels, self_index, margin, metric = inputs
+    ctx.save_for_backward(embeddings, labels, ref, ref_labels, self_index, output[1])
+    ctx.margin = margin
+    ctx.metric = metric
+
+
+def _make_loss_ref_backward(backward_op):
+    def backward(ctx, g_loss_sum, g_num_valid, g_num_positive):
+        embeddings, labels, ref, ref_labels, self_index, num_valid = ctx.saved_tensors
+        ref_grad = ctx.needs_input_grad[2]
+        ge, gr = backward_op(g_loss_sum, embeddings, labels, ref, ref_labels, self_index, ctx.margin, ctx.metric,
+                             ref_grad)
+        # nothing valid: the constant 0, gradient 0 (as the batch ops; a select, no host sync)
+        ge = torch.where(num_valid > 0, ge, torch.zeros_like(ge))
+        gr = torch.where(num_valid > 0, gr, torch.zeros_like(gr)) if ref_grad else None
+        return ge, None, gr, None, None, None, None
+
+    return backward
+
+
+for _name in ("batch_all_loss", "semi_hard_loss", "contrastive_loss"):
+    torch.library.register_autograd(
+        _LIB + _name + "_ref",
+        _make_loss_ref_backward(getattr(ops, _name + "_ref_backward")),
+        setup_context=_loss_ref_setup,
+    )
+
+for _name in ("batch_all_loss", "semi_hard_loss", "contrastive_loss"):
+    _LOSS_NAMES[_name + "_ref"] = _LOSS_NAMES[_name] + " (with a reference set)"
+for _name in REF_BACKWARD_OPS:
+    _bw, _setup = _no_double_backward(_name[: -len("_backward")] if _name.endswith("_loss_ref_backward") else _name)
+    torch.library.register_autograd(_LIB + _name, _bw, setup_context=_setup)

@@ -117,3 +117,59 @@ def check_triplets_fit(labels: torch.Tensor, strategy: str) -> None:
             f"use batch_all_triplet_loss / semi_hard_triplet_loss, which never materialise the triplets, or a "
             f"smaller batch"
         )
+
+
+def check_reference_set(embeddings, labels, ref_embeddings, ref_labels, ref_self_index):
+    """The keyword arguments of query-vs-reference mining. Returns None without a reference set,
+    else (ref_embeddings, ref_labels, self_index) with self_index an int64 (N,) tensor on the
+    device of embeddings (-1: the anchor is not in the reference set)."""
+    if ref_embeddings is None and ref_labels is None:
+        if ref_self_index is not None:
+            raise ValueError("ref_self_index needs a reference set: pass ref_embeddings and ref_labels too "
+                             f"(got ref_self_index={ref_self_index!r} without them)")
+        return None
+    if ref_embeddings is None or ref_labels is None:
+        missing, given = ("ref_labels", "ref_embeddings") if ref_labels is None else ("ref_embeddings", "ref_labels")
+        raise ValueError(f"ref_embeddings and ref_labels go together: {given} was given, {missing} is missing")
+    check_embeddings(ref_embeddings, "ref_embeddings")
+    check_same_device(embeddings, ref_embeddings, "embeddings", "ref_embeddings")
+    if ref_embeddings.dtype != embeddings.dtype:
+        raise TypeError(f"ref_embeddings must have the dtype of embeddings ({embeddings.dtype}), "
+                        f"got {ref_embeddings.dtype}")
+    if ref_embeddings.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"ref_embeddings must have the feature size of embeddings ({embeddings.shape[1]}), "
+                         f"got {ref_embeddings.shape[1]}")
+    if not isinstance(ref_labels, torch.Tensor):
+        raise TypeError(f"ref_labels must be a torch.Tensor, got {type(ref_labels).__name__}")
+    if ref_labels.dtype.is_floating_point or ref_labels.dtype.is_complex or ref_labels.dtype == torch.bool:
+        raise TypeError(f"ref_labels must have an integer dtype, got {ref_labels.dtype}")
+    if ref_labels.dim() != 1 or ref_labels.shape[0] != ref_embeddings.shape[0]:
+        raise ValueError(f"ref_labels must be a 1-D tensor of length {ref_embeddings.shape[0]} "
+                         f"(ref_embeddings.shape[0]), got shape {tuple(ref_labels.shape)}")
+    check_same_device(embeddings, ref_labels, "embeddings", "ref_labels")
+    n, m = embeddings.shape[0], ref_embeddings.shape[0]
+    if ref_self_index is None:
+        self_index = torch.full((n,), -1, dtype=torch.int64, device=embeddings.device)
+    elif isinstance(ref_self_index, int) and not isinstance(ref_self_index, bool):
+        if ref_self_index < 0 or ref_self_index + n > m:
+            raise ValueError(f"ref_self_index as an int k says anchor i is reference row k + i, so it must satisfy "
+                             f"0 <= k and k + N <= M (N={n} anchors, M={m} reference rows), got {ref_self_index}")
+        self_index = torch.arange(ref_self_index, ref_self_index + n, dtype=torch.int64, device=embeddings.device)
+    elif isinstance(ref_self_index, torch.Tensor):
+        if ref_self_index.dtype.is_floating_point or ref_self_index.dtype.is_complex or ref_self_index.dtype == torch.bool:
+            raise TypeError(f"ref_self_index must be None, an int or an integer (N,) tensor, got a "
+                            f"{ref_self_index.dtype} tensor")
+        if ref_self_index.shape != (n,):
+            raise ValueError(f"ref_self_index must have shape ({n},) (one entry per anchor), got "
+                             f"{tuple(ref_self_index.shape)}")
+        check_same_device(embeddings, ref_self_index, "embeddings", "ref_self_index")
+        self_index = ref_self_index.to(torch.int64)
+        if n and not torch.compiler.is_compiling():
+            lo, hi = int(self_index.min().item()), int(self_index.max().item())
+            if lo < -1 or hi >= m:
+                raise ValueError(f"ref_self_index must hold reference rows in [0, {m}) or -1 (not in the set), "
+                                 f"got values in [{lo}, {hi}]")
+    else:
+        raise TypeError(f"ref_self_index must be None, an int or an integer (N,) tensor, got "
+                        f"{type(ref_self_index).__name__}")
+    return ref_embeddings, ref_labels, self_index

@@ -97,20 +97,36 @@ def _check_batch(embeddings: torch.Tensor, labels: torch.Tensor, metric: str) ->
     return METRICS[metric]
 
 
-def batch_hard_mine(embeddings: torch.Tensor, labels: torch.Tensor, *, metric: Metric = "euclidean") -> HardMining:
+def batch_hard_mine(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    metric: Metric = "euclidean",
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    ref_self_index: int | torch.Tensor | None = None,
+) -> HardMining:
     """Per anchor the hardest positive (largest distance) and hardest negative (smallest distance).
 
     Ties go to the lowest index. Anchors without a positive or without a negative get -1
-    indices and 0 distances. Never builds the N x N distance matrix.
+    indices and 0 distances. Never builds the N x N distance matrix. With a reference set the
+    candidates are its rows and the indices point into it (never builds N x M).
 
     Args:
         embeddings: Floating point embeddings.
         labels: Integer class labels (any integer dtype, any values), on the device of
             ``embeddings``.
         metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        ref_embeddings: Optional reference set: positives and negatives are taken from its
+            rows (with ``ref_labels``) instead of the batch; same dtype, device and feature
+            size as ``embeddings``. Gradients flow to it when it requires grad.
+        ref_labels: Integer labels of ``ref_embeddings``; given together with it.
+        ref_self_index: Which reference row is each anchor itself (never its own positive):
+            None (no anchor is in the reference set), an int k (anchor i is reference row
+            k + i) or an integer (N,) tensor with -1 for "not in the set".
 
     Shapes:
-        embeddings: (N, D); labels: (N,); every field of the result: (N,).
+        embeddings: (N, D); labels: (N,); ref_embeddings: (M, D); ref_labels: (M,); every field of the result: (N,).
 
     Returns:
         HardMining(pos_dist, pos_idx, neg_dist, neg_idx): distances in the dtype of
@@ -131,6 +147,9 @@ def batch_hard_mine(embeddings: torch.Tensor, labels: torch.Tensor, *, metric: M
         tensor([3., 3., 3., 3.])
     """
     code = _check_batch(embeddings, labels, metric)
+    ref = v.check_reference_set(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    if ref is not None:
+        return HardMining(*ops.batch_hard_mine_ref(embeddings, labels, *ref, code))
     return HardMining(*ops.batch_hard_mine(embeddings, labels, code))
 
 
@@ -150,17 +169,20 @@ def _reduce_sum(loss_sum: torch.Tensor, num_valid: torch.Tensor, num_positive: t
 @overload
 def batch_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    soft_margin: bool = ..., reduction: BatchHardReduction = ..., return_stats: Literal[False] = ...,
+    soft_margin: bool = ..., reduction: BatchHardReduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[False] = ...,
 ) -> torch.Tensor: ...
 @overload
 def batch_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    soft_margin: bool = ..., reduction: BatchHardReduction = ..., return_stats: Literal[True],
+    soft_margin: bool = ..., reduction: BatchHardReduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[True],
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def batch_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    soft_margin: bool = ..., reduction: BatchHardReduction = ..., return_stats: bool = ...,
+    soft_margin: bool = ..., reduction: BatchHardReduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -172,6 +194,9 @@ def batch_hard_triplet_loss(
     metric: Metric = "euclidean",
     soft_margin: bool = False,
     reduction: BatchHardReduction = "mean",
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    ref_self_index: int | torch.Tensor | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Batch-hard triplet loss (Hermans et al. 2017).
@@ -186,6 +211,13 @@ def batch_hard_triplet_loss(
             ``embeddings``.
         margin: The margin, a finite number.
         metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        ref_embeddings: Optional reference set: positives and negatives are taken from its
+            rows (with ``ref_labels``) instead of the batch; same dtype, device and feature
+            size as ``embeddings``. Gradients flow to it when it requires grad.
+        ref_labels: Integer labels of ``ref_embeddings``; given together with it.
+        ref_self_index: Which reference row is each anchor itself (never its own positive):
+            None (no anchor is in the reference set), an int k (anchor i is reference row
+            k + i) or an integer (N,) tensor with -1 for "not in the set".
         soft_margin: Use ``softplus(d_ap - d_an)`` instead of the hinge (``margin`` is unused).
         reduction: ``"mean"`` (over valid anchors), ``"mean_nonzero"`` (over anchors with a loss
             > 0), ``"sum"``, or ``"none"`` (per anchor, 0 for invalid anchors).
@@ -193,7 +225,7 @@ def batch_hard_triplet_loss(
             of 0-d tensors, for logging.
 
     Shapes:
-        embeddings: (N, D); labels: (N,); loss: () or (N,) with ``reduction="none"``.
+        embeddings: (N, D); labels: (N,); ref_embeddings: (M, D); ref_labels: (M,); loss: () or (N,) with ``reduction="none"``.
 
     Returns:
         The loss (0-d; (N,) with ``reduction="none"``) in the dtype of ``embeddings``, or
@@ -217,7 +249,11 @@ def batch_hard_triplet_loss(
     code = _check_batch(embeddings, labels, metric)
     margin = v.check_margin(margin)
     v.check_choice(reduction, "reduction", BATCH_HARD_REDUCTIONS)
-    pos_dist, pos_idx, neg_dist, _ = ops.batch_hard_mine(embeddings, labels, code)
+    ref = v.check_reference_set(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    if ref is not None:
+        pos_dist, pos_idx, neg_dist, _ = ops.batch_hard_mine_ref(embeddings, labels, *ref, code)
+    else:
+        pos_dist, pos_idx, neg_dist, _ = ops.batch_hard_mine(embeddings, labels, code)
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     gap = pos_dist.to(acc) - neg_dist.to(acc)
     terms = torch.nn.functional.softplus(gap) if soft_margin else torch.relu(gap + margin)
@@ -232,12 +268,17 @@ def batch_hard_triplet_loss(
     return (loss, _stats(num_valid, num_positive)) if return_stats else loss
 
 
-def _fused_loss(op, embeddings: torch.Tensor, labels: torch.Tensor, margin: float, metric: str, reduction: str,
-                reductions: tuple[str, ...], return_stats: bool) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
+def _fused_loss(name: str, embeddings: torch.Tensor, labels: torch.Tensor, margin: float, metric: str, reduction: str,
+                reductions: tuple[str, ...], return_stats: bool, ref_embeddings=None, ref_labels=None,
+                ref_self_index=None) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     code = _check_batch(embeddings, labels, metric)
     margin = v.check_margin(margin)
     v.check_choice(reduction, "reduction", reductions)
-    loss_sum, num_valid, num_positive = op(embeddings, labels, margin, code)
+    ref = v.check_reference_set(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    if ref is not None:
+        loss_sum, num_valid, num_positive = getattr(ops, name + "_ref")(embeddings, labels, *ref, margin, code)
+    else:
+        loss_sum, num_valid, num_positive = getattr(ops, name)(embeddings, labels, margin, code)
     loss = _reduce_sum(loss_sum, num_valid, num_positive, reduction, result_dtype(embeddings))
     return (loss, _stats(num_valid, num_positive)) if return_stats else loss
 
@@ -245,17 +286,20 @@ def _fused_loss(op, embeddings: torch.Tensor, labels: torch.Tensor, margin: floa
 @overload
 def batch_all_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    reduction:     Reduction = ..., return_stats: Literal[False] = ...,
+    reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[False] = ...,
 ) -> torch.Tensor: ...
 @overload
 def batch_all_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    reduction:     Reduction = ..., return_stats: Literal[True],
+    reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[True],
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def batch_all_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    reduction:     Reduction = ..., return_stats: bool = ...,
+    reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -266,6 +310,9 @@ def batch_all_triplet_loss(
     *,
     metric: Metric = "euclidean",
     reduction: Reduction = "mean_nonzero",
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    ref_self_index: int | torch.Tensor | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Batch-all triplet loss: ``relu(d_ap - d_an + margin)`` over every valid (a, p, n).
@@ -279,13 +326,20 @@ def batch_all_triplet_loss(
             ``embeddings``.
         margin: The margin, a finite number.
         metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        ref_embeddings: Optional reference set: positives and negatives are taken from its
+            rows (with ``ref_labels``) instead of the batch; same dtype, device and feature
+            size as ``embeddings``. Gradients flow to it when it requires grad.
+        ref_labels: Integer labels of ``ref_embeddings``; given together with it.
+        ref_self_index: Which reference row is each anchor itself (never its own positive):
+            None (no anchor is in the reference set), an int k (anchor i is reference row
+            k + i) or an integer (N,) tensor with -1 for "not in the set".
         reduction: ``"mean_nonzero"`` (over triplets with a loss > 0), ``"mean"`` (over valid
             triplets) or ``"sum"``.
         return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
             of 0-d tensors, for logging.
 
     Shapes:
-        embeddings: (N, D); labels: (N,); loss: ().
+        embeddings: (N, D); labels: (N,); ref_embeddings: (M, D); ref_labels: (M,); loss: ().
 
     Returns:
         The loss (0-d; (N,) with ``reduction="none"``) in the dtype of ``embeddings``, or
@@ -304,24 +358,27 @@ def batch_all_triplet_loss(
         >>> tc.batch_all_triplet_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=2.5)
         tensor(0.4189)
     """
-    return _fused_loss(ops.batch_all_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
-                       return_stats)
+    return _fused_loss("batch_all_loss", embeddings, labels, margin, metric, reduction, REDUCTIONS,
+                       return_stats, ref_embeddings, ref_labels, ref_self_index)
 
 
 @overload
 def semi_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    reduction:     Reduction = ..., return_stats: Literal[False] = ...,
+    reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[False] = ...,
 ) -> torch.Tensor: ...
 @overload
 def semi_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    reduction:     Reduction = ..., return_stats: Literal[True],
+    reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[True],
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def semi_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    reduction:     Reduction = ..., return_stats: bool = ...,
+    reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -332,6 +389,9 @@ def semi_hard_triplet_loss(
     *,
     metric: Metric = "euclidean",
     reduction: Reduction = "mean",
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    ref_self_index: int | torch.Tensor | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Semi-hard triplet loss (FaceNet; TensorFlow Addons' ``TripletSemiHardLoss``).
@@ -345,13 +405,20 @@ def semi_hard_triplet_loss(
             ``embeddings``.
         margin: The margin, a finite number.
         metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        ref_embeddings: Optional reference set: positives and negatives are taken from its
+            rows (with ``ref_labels``) instead of the batch; same dtype, device and feature
+            size as ``embeddings``. Gradients flow to it when it requires grad.
+        ref_labels: Integer labels of ``ref_embeddings``; given together with it.
+        ref_self_index: Which reference row is each anchor itself (never its own positive):
+            None (no anchor is in the reference set), an int k (anchor i is reference row
+            k + i) or an integer (N,) tensor with -1 for "not in the set".
         reduction: ``"mean"`` (over the (a, p) pairs of anchors that have a negative),
             ``"mean_nonzero"`` (over pairs with a loss > 0) or ``"sum"``.
         return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
             of 0-d tensors, for logging.
 
     Shapes:
-        embeddings: (N, D); labels: (N,); loss: ().
+        embeddings: (N, D); labels: (N,); ref_embeddings: (M, D); ref_labels: (M,); loss: ().
 
     Returns:
         The loss (0-d; (N,) with ``reduction="none"``) in the dtype of ``embeddings``, or
@@ -370,24 +437,27 @@ def semi_hard_triplet_loss(
         >>> tc.semi_hard_triplet_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=2.5)
         tensor(0.5000)
     """
-    return _fused_loss(ops.semi_hard_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
-                       return_stats)
+    return _fused_loss("semi_hard_loss", embeddings, labels, margin, metric, reduction, REDUCTIONS,
+                       return_stats, ref_embeddings, ref_labels, ref_self_index)
 
 
 @overload
 def contrastive_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    reduction:     Reduction = ..., return_stats: Literal[False] = ...,
+    reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[False] = ...,
 ) -> torch.Tensor: ...
 @overload
 def contrastive_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    reduction:     Reduction = ..., return_stats: Literal[True],
+    reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[True],
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def contrastive_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
-    reduction:     Reduction = ..., return_stats: bool = ...,
+    reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
+    ref_self_index: int | torch.Tensor | None = ..., return_stats: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -398,11 +468,17 @@ def contrastive_loss(
     *,
     metric: Metric = "euclidean",
     reduction: Reduction = "mean",
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    ref_self_index: int | torch.Tensor | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Contrastive loss (Hadsell, Chopra, LeCun 2006) over all in-batch pairs.
 
     Over unordered pairs i < j: ``d^2`` for the same label, ``relu(margin - d)^2`` otherwise.
+    With a reference set: over ordered pairs (a, j), a an anchor and j any reference row but
+    the anchor itself (so the batch as its own reference set, ``ref_self_index=0``, gives twice
+    the sum and the same mean).
 
     Args:
         embeddings: Floating point embeddings.
@@ -410,13 +486,20 @@ def contrastive_loss(
             ``embeddings``.
         margin: The margin, a finite number.
         metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        ref_embeddings: Optional reference set: positives and negatives are taken from its
+            rows (with ``ref_labels``) instead of the batch; same dtype, device and feature
+            size as ``embeddings``. Gradients flow to it when it requires grad.
+        ref_labels: Integer labels of ``ref_embeddings``; given together with it.
+        ref_self_index: Which reference row is each anchor itself (never its own positive):
+            None (no anchor is in the reference set), an int k (anchor i is reference row
+            k + i) or an integer (N,) tensor with -1 for "not in the set".
         reduction: ``"mean"`` (over pairs), ``"mean_nonzero"`` (over pairs with a loss > 0) or
             ``"sum"``.
         return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
             of 0-d tensors, for logging.
 
     Shapes:
-        embeddings: (N, D); labels: (N,); loss: ().
+        embeddings: (N, D); labels: (N,); ref_embeddings: (M, D); ref_labels: (M,); loss: ().
 
     Returns:
         The loss (0-d; (N,) with ``reduction="none"``) in the dtype of ``embeddings``, or
@@ -435,8 +518,8 @@ def contrastive_loss(
         >>> tc.contrastive_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=1.0)
         tensor(0.3333)
     """
-    return _fused_loss(ops.contrastive_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
-                       return_stats)
+    return _fused_loss("contrastive_loss", embeddings, labels, margin, metric, reduction, REDUCTIONS,
+                       return_stats, ref_embeddings, ref_labels, ref_self_index)
 
 
 def mine_triplets(
@@ -445,6 +528,9 @@ def mine_triplets(
     *,
     strategy: Strategy = "batch_hard",
     metric: Metric = "euclidean",
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    ref_self_index: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Index triplets (anchor, positive, negative) chosen by a mining strategy.
 
@@ -459,13 +545,21 @@ def mine_triplets(
             negative), ``"batch_all"`` (every valid triplet) or ``"semi_hard"`` (per positive
             pair, the negative the semi-hard loss uses).
         metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        ref_embeddings: Optional reference set: positives and negatives are taken from its
+            rows (with ``ref_labels``) instead of the batch; same dtype, device and feature
+            size as ``embeddings``. Gradients flow to it when it requires grad.
+        ref_labels: Integer labels of ``ref_embeddings``; given together with it.
+        ref_self_index: Which reference row is each anchor itself (never its own positive):
+            None (no anchor is in the reference set), an int k (anchor i is reference row
+            k + i) or an integer (N,) tensor with -1 for "not in the set".
 
     Shapes:
-        embeddings: (N, D); labels: (N,); each returned tensor: (T,), T depending on the data.
+        embeddings: (N, D); labels: (N,); ref_embeddings: (M, D); ref_labels: (M,); each returned tensor: (T,), T depending on the data.
 
     Returns:
         (anchor_idx, positive_idx, negative_idx): int64, on the device of ``embeddings``, sorted
-        by (anchor, positive, negative).
+        by (anchor, positive, negative); with a reference set positive_idx and negative_idx
+        index it.
 
     Raises:
         TypeError: ``embeddings`` is not floating point or ``labels`` not integer.
@@ -481,6 +575,10 @@ def mine_triplets(
     """
     code = _check_batch(embeddings, labels, metric)
     v.check_choice(strategy, "strategy", STRATEGIES)
+    ref = v.check_reference_set(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    if ref is not None:
+        with torch.no_grad():
+            return tuple(ops.mine_triplets_ref(embeddings, labels, *ref, STRATEGIES[strategy], code))
     v.check_triplets_fit(labels, strategy)
     with torch.no_grad():
         return tuple(ops.mine_triplets(embeddings, labels, STRATEGIES[strategy], code))

@@ -18,10 +18,10 @@ namespace {
 
 template <typename T, Metric M>
 struct BatchAllRows {
-  const int64_t* lab;
-  int64_t N;
+  RowLabels l;  // anchors against candidates (the batch, or a reference set)
+  int64_t N;    // candidates
   T margin;
-  BatchAllRows(const int64_t* l, int64_t n, T mg) : lab(l), N(n), margin(mg) {}
+  BatchAllRows(const RowLabels& lb, T mg) : l(lb), N(lb.cols), margin(mg) {}
 
   using Pos = std::pair<T, int64_t>;  // (distance, index)
 
@@ -39,11 +39,12 @@ struct BatchAllRows {
 
   Row collect(int64_t a, const T* d) const {
     Row r;
+    const int64_t la = l.anchor[a], self = l.self_of(a);
     for (int64_t j = 0; j < N; ++j) {
       r.nan |= epi::is_nan(d[j]);
-      if (lab[j] != lab[a]) {
+      if (l.cand[j] != la) {
         ++r.negatives;
-      } else if (j != a) {
+      } else if (j != self) {
         r.pos.emplace_back(d[j], j);
       }
     }
@@ -72,7 +73,7 @@ struct BatchAllRows {
       T dap[kScanMaxPositives];
       for (int64_t k = 0; k < P; ++k) dap[k] = r.pos[k].first;
       for (int64_t j = 0; j < N; ++j) {
-        if (lab[j] == lab[a]) continue;
+        if (l.cand[j] == l.anchor[a]) continue;
         epi::batch_all_negative(dap, static_cast<int>(P), d[j], margin, &t.sum, &t.positive);
       }
       return t;
@@ -80,7 +81,7 @@ struct BatchAllRows {
     std::vector<double> top(P + 1, 0.0);  // top[c]: sum of the c largest positive distances
     for (int64_t c = 1; c <= P; ++c) top[c] = top[c - 1] + static_cast<double>(r.pos[P - c].first);
     for (int64_t j = 0; j < N; ++j) {
-      if (lab[j] == lab[a]) continue;
+      if (l.cand[j] == l.anchor[a]) continue;
       const int64_t c = active_sorted(r.pos, d[j]);
       t.sum += top[c] + c * (static_cast<double>(margin) - static_cast<double>(d[j]));
       t.positive += c;
@@ -94,7 +95,7 @@ struct BatchAllRows {
     const int64_t P = static_cast<int64_t>(r.pos.size());
     if (P == 0 || r.negatives == 0) return;
     if (r.nan) {  // every valid pair of the anchor gets a NaN weight
-      for (int64_t j = 0; j < N; ++j) w[j] = j == a ? T(0) : epi::quiet_nan<T>();
+      for (int64_t j = 0; j < N; ++j) w[j] = j == l.self_of(a) ? T(0) : epi::quiet_nan<T>();
       return;
     }
     if (r.pos.size() <= kScanMaxPositives) {
@@ -102,7 +103,7 @@ struct BatchAllRows {
       int64_t active[kScanMaxPositives] = {};  // negatives active with positive k
       for (int64_t k = 0; k < P; ++k) dap[k] = r.pos[k].first;
       for (int64_t j = 0; j < N; ++j) {
-        if (lab[j] == lab[a]) continue;
+        if (l.cand[j] == l.anchor[a]) continue;
         int64_t c = 0;
         for (int64_t k = 0; k < P; ++k) {
           const bool on = dap[k] - d[j] + margin > T(0);
@@ -117,7 +118,7 @@ struct BatchAllRows {
     // starts[k]: negatives whose active suffix starts at sorted positive k.
     std::vector<int64_t> starts(P + 1, 0);
     for (int64_t j = 0; j < N; ++j) {
-      if (lab[j] == lab[a]) continue;
+      if (l.cand[j] == l.anchor[a]) continue;
       const int64_t c = active_sorted(r.pos, d[j]);
       w[j] = -g * static_cast<T>(c);
       ++starts[P - c];
@@ -266,6 +267,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_forward(const at::Tenso
 at::Tensor batch_all_backward(const at::Tensor& grad_loss_sum, const at::Tensor& embeddings,
                               const at::Tensor& labels, double margin, int64_t metric) {
   return loss_backward<BatchAll>(grad_loss_sum, embeddings, labels, margin, metric);
+}
+
+// Query vs reference: the row policy over anchor rows x reference columns.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_all_ref_forward(
+    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,
+    const at::Tensor& ref_labels, const at::Tensor& self_index, double margin, int64_t metric) {
+  return ref_loss_forward<BatchAllRows>(embeddings, labels, ref, ref_labels, self_index, margin,
+                                        metric);
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_all_ref_backward(
+    const at::Tensor& grad_loss_sum, const at::Tensor& embeddings, const at::Tensor& labels,
+    const at::Tensor& ref, const at::Tensor& ref_labels, const at::Tensor& self_index,
+    double margin, int64_t metric, bool ref_grad) {
+  return ref_loss_backward<BatchAllRows>(grad_loss_sum, embeddings, labels, ref, ref_labels,
+                                         self_index, margin, metric, ref_grad);
 }
 
 }  // namespace cpu

@@ -104,7 +104,67 @@ HardMined mine_batch_hard(const Prepared& p, const at::Tensor& labels, Metric me
 
 namespace {
 
+// Query vs reference: each anchor row streams the reference rows block by block (for_each_
+// distance_row: a (rows, M) block of about 8 MiB at a time, never N x M), keeping a running
+// farthest positive and nearest negative; then the mined distances are recomputed exactly.
+template <typename T, Metric M>
+void mine_rows_ref(const Prepared& x, const Prepared& y, const RowLabels& l, T* pd, int64_t* pi,
+                   T* nd, int64_t* ni) {
+  const int64_t D = x.e.size(1), Mc = y.rows();
+  const T* xe = x.e.data_ptr<T>();
+  const T* ye = y.e.data_ptr<T>();
+  const T* xinv = x.inv.data_ptr<T>();
+  const T* yinv = y.inv.data_ptr<T>();
+  for_each_distance_row<T, M>(x, y, [&](int64_t a, const T* d) {
+    const int64_t la = l.anchor[a], self = l.self_of(a);
+    epi::ArgFarthest<T> bp;
+    epi::ArgNearest<T> bn;
+    for (int64_t j = 0; j < Mc; ++j) {
+      const bool same = l.cand[j] == la;
+      bp.update(d[j], same && j != self ? j : -1);
+      bn.update(d[j], same ? -1 : j);
+    }
+    if (bp.i < 0 || bn.i < 0) return;  // invalid anchor: outputs keep -1 / 0
+    pi[a] = bp.i;
+    ni[a] = bn.i;
+    pd[a] = pair_distance<M>(xe + a * D, ye + bp.i * D, D, xinv[a], yinv[bp.i]);
+    nd[a] = pair_distance<M>(xe + a * D, ye + bn.i * D, D, xinv[a], yinv[bn.i]);
+  });
+}
+
 }  // namespace
+
+HardMined mine_batch_hard_ref(const Prepared& x, const Prepared& y, const RowLabels& l,
+                              Metric metric) {
+  const int64_t N = x.rows();
+  const auto idx_opts = x.e.options().dtype(at::kLong);
+  HardMined r{at::zeros({N}, x.e.options()), at::full({N}, -1, idx_opts),
+              at::zeros({N}, x.e.options()), at::full({N}, -1, idx_opts)};
+  if (N == 0 || y.rows() == 0) return r;
+  AT_DISPATCH_FLOATING_TYPES(x.e.scalar_type(), "batch_hard_mine_ref", [&] {
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      mine_rows_ref<scalar_t, kM>(x, y, l, r.pos_dist.data_ptr<scalar_t>(),
+                                  r.pos_idx.data_ptr<int64_t>(), r.neg_dist.data_ptr<scalar_t>(),
+                                  r.neg_idx.data_ptr<int64_t>());
+    });
+  });
+  return r;
+}
+
+// embeddings (N, D), labels (N,), ref (M, D), ref_labels (M,), self_index (N,) -> as
+// batch_hard_mine_cpu, indices into ref.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_ref_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,
+    const at::Tensor& ref_labels, const at::Tensor& self_index, int64_t metric) {
+  const RefInputs in = check_ref_batch(embeddings, labels, ref, ref_labels, self_index, metric);
+  const Metric m = static_cast<Metric>(metric);
+  const Prepared px = prepare(embeddings, m), py = prepare(ref, m);
+  const RowLabels l{in.lab.data_ptr<int64_t>(), in.ref_lab.data_ptr<int64_t>(), py.rows(),
+                    in.self.data_ptr<int64_t>()};
+  const HardMined r = mine_batch_hard_ref(px, py, l, m);
+  const auto dt = embeddings.scalar_type();
+  return {r.pos_dist.to(dt), r.pos_idx, r.neg_dist.to(dt), r.neg_idx};
+}
 
 // embeddings: (N, D), labels: (N,) -> (pos_dist (N), pos_idx (N) int64, neg_dist (N),
 // neg_idx (N) int64); distances in the dtype of embeddings.
@@ -204,6 +264,115 @@ at::Tensor batch_hard_mine_backward_cpu(const at::Tensor& grad_pos_dist,
     });
   });
   return grad.to(embeddings.scalar_type());
+}
+
+// Query vs reference: for every mined pair (anchor a of x, reference row b of y) with
+// coefficient g, the gradient of g * d(x_a, y_b), to grad_x and (when not null) grad_y. Each
+// row owns its gradient (anchors: their two pairs; reference rows: the pairs naming them, in
+// ascending pair order): deterministic, no atomics.
+template <typename T, Metric M>
+void hard_backward_ref(const Prepared& x, const Prepared& y, const T* g[2], const T* dist[2],
+                       const int64_t* idx[2], T* grad_x, T* grad_y) {
+  const int64_t N = x.rows(), Mc = y.rows(), D = x.e.size(1);
+  const T* xe = x.e.data_ptr<T>();
+  const T* ye = y.e.data_ptr<T>();
+  const T *xsq = x.sqnorm.data_ptr<T>(), *ysq = y.sqnorm.data_ptr<T>();
+  const T *xinv = x.inv.data_ptr<T>(), *yinv = y.inv.data_ptr<T>();
+  std::vector<PairGrad<T>> coef(2 * N);  // pair k = 2 * a + s (s = 0 positive, 1 negative)
+  at::parallel_for(0, N, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t a = lo; a < hi; ++a) {
+      for (int s = 0; s < 2; ++s) {
+        const int64_t b = idx[s][a];
+        coef[2 * a + s] = b < 0 ? PairGrad<T>{0, 0, 0}
+                                : pair_grad<M>(g[s][a], dist[s][a], xsq[a], ysq[b], xinv[a], yinv[b]);
+      }
+    }
+  });
+  at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t a = lo; a < hi; ++a) {
+      T* ga = grad_x + a * D;
+      const T* ea = xe + a * D;
+      for (int s = 0; s < 2; ++s) {
+        const int64_t b = idx[s][a];
+        if (b < 0) continue;
+        const PairGrad<T> c = coef[2 * a + s];
+        const T* eb = ye + b * D;
+        for (int64_t k = 0; k < D; ++k) ga[k] += c.ca * ea[k] + c.cab * eb[k];
+      }
+    }
+  });
+  if (grad_y == nullptr) return;
+  std::vector<int64_t> start(Mc + 1, 0), pairs(2 * N);
+  for (int64_t k = 0; k < 2 * N; ++k) {
+    const int64_t b = idx[k & 1][k >> 1];
+    if (b >= 0) ++start[b + 1];
+  }
+  for (int64_t j = 0; j < Mc; ++j) start[j + 1] += start[j];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t k = 0; k < 2 * N; ++k) {
+      const int64_t b = idx[k & 1][k >> 1];
+      if (b >= 0) pairs[fill[b]++] = k;
+    }
+  }
+  at::parallel_for(0, Mc, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      T* gj = grad_y + j * D;
+      const T* ej = ye + j * D;
+      for (int64_t q = start[j]; q < start[j + 1]; ++q) {
+        const int64_t k2 = pairs[q], a = k2 >> 1;
+        const PairGrad<T> c = coef[k2];
+        const T* ea = xe + a * D;
+        for (int64_t k = 0; k < D; ++k) gj[k] += c.cab * ea[k] + c.cb * ej[k];
+      }
+    }
+  });
+}
+
+// grad_pos_dist, grad_neg_dist: (N,); the forward's embeddings (N, D), ref (M, D) and outputs
+// -> (grad_embeddings (N, D), grad_ref (M, D), or an empty (0,) tensor when ref_grad is false).
+std::tuple<at::Tensor, at::Tensor> batch_hard_mine_ref_backward_cpu(
+    const at::Tensor& grad_pos_dist, const at::Tensor& grad_neg_dist, const at::Tensor& embeddings,
+    const at::Tensor& ref, const at::Tensor& pos_dist, const at::Tensor& pos_idx,
+    const at::Tensor& neg_dist, const at::Tensor& neg_idx, int64_t metric, bool ref_grad) {
+  check_hard_backward_args(grad_pos_dist, grad_neg_dist, embeddings, pos_dist, pos_idx, neg_dist,
+                           neg_idx, metric, c10::kCPU);
+  TC_CHECK_EMBEDDINGS(ref, "ref");
+  TC_CHECK_SAME_DEVICE(embeddings, ref, "embeddings", "ref");
+  TORCH_CHECK(ref.scalar_type() == embeddings.scalar_type() && ref.size(1) == embeddings.size(1),
+              "triplet_cuda: ref must have the dtype and feature size of embeddings (",
+              embeddings.scalar_type(), ", ", embeddings.size(1), "), got ", ref.scalar_type(),
+              ", ", ref.size(1));
+  const int64_t N = embeddings.size(0), Mc = ref.size(0);
+  const Metric m = static_cast<Metric>(metric);
+  const Prepared px = prepare(embeddings, m), py = prepare(ref, m);
+  at::Tensor gx = at::zeros_like(px.e);
+  at::Tensor gy = ref_grad ? at::zeros_like(py.e) : at::Tensor();
+  auto result = [&] {
+    return std::make_tuple(gx.to(embeddings.scalar_type()),
+                           ref_grad ? gy.to(ref.scalar_type()) : at::zeros({0}, ref.options()));
+  };
+  if (N == 0) return result();
+  const auto acc = px.e.scalar_type();
+  const at::Tensor gp = grad_pos_dist.to(acc).contiguous(), gn = grad_neg_dist.to(acc).contiguous();
+  const at::Tensor dp = pos_dist.to(acc).contiguous(), dn = neg_dist.to(acc).contiguous();
+  const at::Tensor ip = pos_idx.contiguous(), in = neg_idx.contiguous();
+  const int64_t* idx[2] = {ip.data_ptr<int64_t>(), in.data_ptr<int64_t>()};
+  for (int s = 0; s < 2; ++s) {
+    for (int64_t a = 0; a < N; ++a) {
+      TORCH_CHECK(idx[s][a] >= -1 && idx[s][a] < Mc, "triplet_cuda: ", s ? "neg_idx" : "pos_idx",
+                  " must hold indices in [-1, ", Mc, ") (ref.size(0)), got ", idx[s][a], " at ", a);
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "batch_hard_mine_ref_backward", [&] {
+    const scalar_t* g[2] = {gp.data_ptr<scalar_t>(), gn.data_ptr<scalar_t>()};
+    const scalar_t* dist[2] = {dp.data_ptr<scalar_t>(), dn.data_ptr<scalar_t>()};
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      hard_backward_ref<scalar_t, kM>(px, py, g, dist, idx, gx.data_ptr<scalar_t>(),
+                                      ref_grad ? gy.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return result();
 }
 
 }  // namespace cpu

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "distance.h"
+#include "loss.h"
 
 namespace triplet_cuda {
 namespace cpu {
@@ -17,6 +18,11 @@ struct HardMined {
 
 // p: prepared embeddings (N, D); labels: (N) int64 contiguous.
 HardMined mine_batch_hard(const Prepared& p, const at::Tensor& labels, Metric metric);
+
+// Query vs reference: anchors x (N, D) against the reference rows y (M, D); l.cand the M
+// reference labels, l.self the anchors' own reference rows (-1: none). Indices into y.
+HardMined mine_batch_hard_ref(const Prepared& x, const Prepared& y, const RowLabels& l,
+                              Metric metric);
 
 }  // namespace cpu
 }  // namespace triplet_cuda

@@ -67,6 +67,35 @@ struct Contrastive {
   }
 };
 
+// Row policy of the query-vs-reference op (loss.h): ordered pairs (a, j), j any candidate but
+// the anchor itself (the epilogue's contrastive term and weight).
+template <typename T, Metric M>
+struct ContrastiveRows {
+  RowLabels l;
+  T margin;
+  ContrastiveRows(const RowLabels& lb, T mg) : l(lb), margin(mg) {}
+
+  RowTotals forward(int64_t a, const T* d) const {
+    RowTotals t;
+    const int64_t la = l.anchor[a], self = l.self_of(a);
+    for (int64_t j = 0; j < l.cols; ++j) {
+      if (j == self) continue;
+      const T term = epi::contrastive_term(l.cand[j] == la, d[j], margin);
+      t.sum += term;
+      t.positive += term > T(0);
+      ++t.valid;
+    }
+    return t;
+  }
+
+  void weights(int64_t a, const T* d, T g, T* w) const {
+    const int64_t la = l.anchor[a], self = l.self_of(a);
+    for (int64_t j = 0; j < l.cols; ++j) {
+      w[j] = j == self ? T(0) : g * epi::contrastive_weight(l.cand[j] == la, d[j], margin);
+    }
+  }
+};
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(const at::Tensor& embeddings,
@@ -78,6 +107,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(const at::Ten
 at::Tensor contrastive_backward(const at::Tensor& grad_loss_sum, const at::Tensor& embeddings,
                                 const at::Tensor& labels, double margin, int64_t metric) {
   return loss_backward<Contrastive>(grad_loss_sum, embeddings, labels, margin, metric);
+}
+
+// Query vs reference: ordered pairs over anchor rows x reference columns.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_ref_forward(
+    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,
+    const at::Tensor& ref_labels, const at::Tensor& self_index, double margin, int64_t metric) {
+  return ref_loss_forward<ContrastiveRows>(embeddings, labels, ref, ref_labels, self_index,
+                                           margin, metric);
+}
+
+std::tuple<at::Tensor, at::Tensor> contrastive_ref_backward(
+    const at::Tensor& grad_loss_sum, const at::Tensor& embeddings, const at::Tensor& labels,
+    const at::Tensor& ref, const at::Tensor& ref_labels, const at::Tensor& self_index,
+    double margin, int64_t metric, bool ref_grad) {
+  return ref_loss_backward<ContrastiveRows>(grad_loss_sum, embeddings, labels, ref, ref_labels,
+                                            self_index, margin, metric, ref_grad);
 }
 
 }  // namespace cpu

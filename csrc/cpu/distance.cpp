@@ -140,10 +140,11 @@ void accumulate_distance_grad(at::Tensor& W, at::Tensor& dist, const Prepared& x
   const at::Tensor xb = x.e.narrow(0, r0, B);
   const at::Tensor yc = y.e.narrow(0, c0, C);
   const at::Tensor row_self = dist.sum(1) * x.scale.narrow(0, r0, B);
-  const at::Tensor col_self = dist.sum(0) * y.scale.narrow(0, c0, C);
   at::Tensor gx = grad_x.narrow(0, r0, B);
   gx.addcmul_(row_self.unsqueeze(1), xb);
   gx.addmm_(W, yc);
+  if (!grad_y.defined()) return;  // y needs no gradient: no work for it
+  const at::Tensor col_self = dist.sum(0) * y.scale.narrow(0, c0, C);
   at::Tensor gy = grad_y.narrow(0, c0, C);
   gy.addcmul_(col_self.unsqueeze(1), yc);
   gy.addmm_(W.t(), xb);

@@ -51,7 +51,8 @@ inline at::Tensor distance_block(const Prepared& x, int64_t r0, int64_t B, const
 
 // Adds the gradient of sum_ij W_ij d(x_{r0+i}, y_{c0+j}) to grad_x rows [r0, r0+B) and to
 // grad_y rows [c0, c0+C). W, dist: (B, C) accumulation dtype (both are overwritten); grad_x:
-// (N, D), grad_y: (M, D), accumulation dtype (they may be the same tensor when x is y).
+// (N, D), grad_y: (M, D), accumulation dtype (they may be the same tensor when x is y; an
+// undefined grad_y skips y's gradient).
 void accumulate_distance_grad(at::Tensor& W, at::Tensor& dist, const Prepared& x, int64_t r0,
                               const Prepared& y, int64_t c0, Metric metric, at::Tensor& grad_x,
                               at::Tensor& grad_y);
@@ -134,26 +135,34 @@ void for_each_upper_block(const Prepared& p, Metric m, int64_t bytes_per_elem, F
   }
 }
 
-// Gradient of a loss that is a function of the distance matrix of x with itself:
-// weight_fn(i, dist_row, weight_row) writes d loss / d d(x_i, x_j) for all j of row i.
-// Returns (N, D) in the accumulation dtype. Deterministic: the per-block matrix products
-// are accumulated in a fixed order.
+// Gradient of a loss that is a function of the distances of the rows of x to the rows of y
+// (M of them): weight_fn(i, dist_row, weight_row) writes d loss / d d(x_i, y_j) for all j of
+// row i. Adds to grad_x (N, D) and grad_y (M, D) (accumulation dtype; the same tensor when x
+// is y; undefined grad_y: y's gradient is skipped). Deterministic: the per-block matrix
+// products are accumulated in a fixed order.
 template <typename T, Metric M, typename WeightFn>
-at::Tensor dense_backward(const Prepared& x, WeightFn&& weight_fn) {
-  const int64_t N = x.rows();
-  at::Tensor grad = at::zeros_like(x.e);
-  const int64_t B = block_rows(N, N, 2 * sizeof(T));
+void dense_backward(const Prepared& x, const Prepared& y, WeightFn&& weight_fn, at::Tensor& grad_x,
+                    at::Tensor& grad_y) {
+  const int64_t N = x.rows(), Mc = y.rows();
+  const int64_t B = block_rows(N, Mc, 2 * sizeof(T));
   for (int64_t r0 = 0; r0 < N; r0 += B) {
     const int64_t b = std::min(B, N - r0);
-    at::Tensor dist = distance_block(x, r0, b, x, M);
+    at::Tensor dist = distance_block(x, r0, b, y, M);
     at::Tensor W = at::empty_like(dist);
     const T* dp = dist.data_ptr<T>();
     T* wp = W.data_ptr<T>();
-    at::parallel_for(0, b, row_grain(N), [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) weight_fn(r0 + i, dp + i * N, wp + i * N);
+    at::parallel_for(0, b, row_grain(Mc), [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) weight_fn(r0 + i, dp + i * Mc, wp + i * Mc);
     });
-    accumulate_distance_grad(W, dist, x, r0, x, M, grad, grad);
+    accumulate_distance_grad(W, dist, x, r0, y, M, grad_x, grad_y);
   }
+}
+
+// The same for the distance matrix of x with itself: returns (N, D) in the accumulation dtype.
+template <typename T, Metric M, typename WeightFn>
+at::Tensor dense_backward(const Prepared& x, WeightFn&& weight_fn) {
+  at::Tensor grad = at::zeros_like(x.e);
+  dense_backward<T, M>(x, x, weight_fn, grad, grad);
   return grad;
 }
 

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/scalar_tensor.h>
 
+#include <tuple>
+
 #include "../checks.h"
 
 namespace triplet_cuda {
@@ -14,6 +16,27 @@ namespace cpu {
 inline at::Tensor check_batch(const at::Tensor& embeddings, const at::Tensor& labels,
                               int64_t metric) {
   return check_batch_args(embeddings, labels, metric, c10::kCPU);
+}
+
+// The inputs of a query-vs-reference CPU op, checked: labels (N,), ref_labels (M,) and
+// self_index (N,) (values in [-1, M)) as contiguous int64.
+struct RefInputs {
+  at::Tensor lab, ref_lab, self;
+};
+
+inline RefInputs check_ref_batch(const at::Tensor& embeddings, const at::Tensor& labels,
+                                 const at::Tensor& ref, const at::Tensor& ref_labels,
+                                 const at::Tensor& self_index, int64_t metric) {
+  RefInputs r;
+  r.lab = check_batch(embeddings, labels, metric);
+  std::tie(r.ref_lab, r.self) = check_ref_args(embeddings, ref, ref_labels, self_index);
+  const int64_t N = r.self.size(0), M = ref.size(0);
+  const int64_t* s = r.self.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(s[i] >= -1 && s[i] < M, "triplet_cuda: self_index must hold values in [-1, ", M,
+                ") (ref.size(0) = ", M, "), got ", s[i], " at ", i);
+  }
+  return r;
 }
 
 // A 0-d tensor of the accumulation dtype of `like` holding v.

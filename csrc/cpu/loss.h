@@ -7,15 +7,21 @@
 // (accumulation dtype, N > 0 for the backward).
 //
 // rows_forward / rows_backward run a row policy Rows<T, M> with
-//   Rows(const int64_t* labels, int64_t N, T margin)
+//   Rows(const RowLabels& labels, T margin)
 //   RowTotals forward(int64_t a, const T* d) const;       // row a's share of the loss
 //   void weights(int64_t a, const T* d, T g, T* w) const; // w_j = g * d(row share) / d d_aj
-// where d points at the N distances of anchor a, over full distance rows in blocks
-// (O(block * N) memory), summing the row totals in a fixed order; for the backward they turn
-// the weights into the embedding gradient.
+// where d points at the distances of anchor a to its candidates (the batch: N of them; a
+// reference set: M), over full distance rows in blocks (O(block * N) memory), summing the row
+// totals in a fixed order; for the backward they turn the weights into the embedding
+// gradient (and the reference set's).
+//
+// ref_loss_forward<Rows> / ref_loss_backward<Rows> are the entry points of the
+// query-vs-reference ops (embeddings (N, D) anchors against ref (M, D) candidates): the same
+// row policies over rectangular rows.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <tuple>
 #include <vector>
@@ -39,19 +45,47 @@ struct RowTotals {
   }
 };
 
+// What a row policy knows of the labels: anchor a (label anchor[a]) against the candidates
+// j = 0 .. cols - 1 (labels cand[j]), of which self_of(a) is the anchor itself (never its own
+// positive nor a pair; -1: none).
+struct RowLabels {
+  const int64_t* anchor;
+  const int64_t* cand;
+  int64_t cols;
+  const int64_t* self;  // (N) self index per anchor, or nullptr: the batch itself, self_of(a) = a
+
+  static RowLabels batch(const int64_t* lab, int64_t N) { return {lab, lab, N, nullptr}; }
+  int64_t self_of(int64_t a) const { return self ? self[a] : a; }
+};
+
+// Rows of x (anchors) against the rows of y (candidates).
 template <typename T, Metric M, template <typename, Metric> class Rows>
-RowTotals rows_forward(const Prepared& p, const int64_t* lab, T margin) {
-  std::vector<RowTotals> rows(p.rows());
-  const Rows<T, M> policy(lab, p.rows(), margin);
-  for_each_distance_row<T, M>(p, p, [&](int64_t a, const T* d) { rows[a] = policy.forward(a, d); });
+RowTotals rows_forward(const Prepared& x, const Prepared& y, const RowLabels& l, T margin) {
+  std::vector<RowTotals> rows(x.rows());
+  const Rows<T, M> policy(l, margin);
+  for_each_distance_row<T, M>(x, y, [&](int64_t a, const T* d) { rows[a] = policy.forward(a, d); });
   RowTotals total;
   for (const RowTotals& r : rows) total += r;
   return total;
 }
 
 template <typename T, Metric M, template <typename, Metric> class Rows>
+RowTotals rows_forward(const Prepared& p, const int64_t* lab, T margin) {
+  return rows_forward<T, M, Rows>(p, p, RowLabels::batch(lab, p.rows()), margin);
+}
+
+// Adds the gradient to grad_x (N, D) and, when defined, grad_y (M, D).
+template <typename T, Metric M, template <typename, Metric> class Rows>
+void rows_backward(const Prepared& x, const Prepared& y, const RowLabels& l, T margin, T g,
+                   at::Tensor& grad_x, at::Tensor& grad_y) {
+  const Rows<T, M> policy(l, margin);
+  dense_backward<T, M>(x, y, [&](int64_t a, const T* d, T* w) { policy.weights(a, d, g, w); },
+                       grad_x, grad_y);
+}
+
+template <typename T, Metric M, template <typename, Metric> class Rows>
 at::Tensor rows_backward(const Prepared& p, const int64_t* lab, T margin, T g) {
-  const Rows<T, M> policy(lab, p.rows(), margin);
+  const Rows<T, M> policy(RowLabels::batch(lab, p.rows()), margin);
   return dense_backward<T, M>(p, [&](int64_t a, const T* d, T* w) { policy.weights(a, d, g, w); });
 }
 
@@ -90,6 +124,55 @@ at::Tensor loss_backward(const at::Tensor& grad_loss_sum, const at::Tensor& embe
     });
   });
   return grad.to(embeddings.scalar_type());
+}
+
+// Query vs reference: embeddings (N, D), labels (N,) anchors; ref (M, D), ref_labels (M,)
+// candidates; self_index (N,) int64 -> (loss_sum, num_valid, num_positive) as loss_forward.
+template <template <typename, Metric> class Rows>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ref_loss_forward(
+    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,
+    const at::Tensor& ref_labels, const at::Tensor& self_index, double margin, int64_t metric) {
+  const RefInputs in = check_ref_batch(embeddings, labels, ref, ref_labels, self_index, metric);
+  const Metric m = static_cast<Metric>(metric);
+  const Prepared px = prepare(embeddings, m), py = prepare(ref, m);
+  const RowLabels l{in.lab.data_ptr<int64_t>(), in.ref_lab.data_ptr<int64_t>(), py.rows(),
+                    in.self.data_ptr<int64_t>()};
+  RowTotals total;
+  AT_DISPATCH_FLOATING_TYPES(px.e.scalar_type(), "ref_loss_forward", [&] {
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      total = rows_forward<scalar_t, kM, Rows>(px, py, l, static_cast<scalar_t>(margin));
+    });
+  });
+  return {acc_scalar(total.sum, px.e), long_scalar(total.valid, px.e),
+          long_scalar(total.positive, px.e)};
+}
+
+// grad_loss_sum: 0-d -> (grad_embeddings (N, D), grad_ref (M, D), or an empty (0,) tensor when
+// ref_grad is false: then no work is spent on it).
+template <template <typename, Metric> class Rows>
+std::tuple<at::Tensor, at::Tensor> ref_loss_backward(
+    const at::Tensor& grad_loss_sum, const at::Tensor& embeddings, const at::Tensor& labels,
+    const at::Tensor& ref, const at::Tensor& ref_labels, const at::Tensor& self_index,
+    double margin, int64_t metric, bool ref_grad) {
+  const RefInputs in = check_ref_batch(embeddings, labels, ref, ref_labels, self_index, metric);
+  TORCH_CHECK(grad_loss_sum.numel() == 1, "triplet_cuda: grad_loss_sum must have one element, got ",
+              grad_loss_sum.sizes());
+  const Metric m = static_cast<Metric>(metric);
+  const Prepared px = prepare(embeddings, m), py = prepare(ref, m);
+  at::Tensor gx = at::zeros_like(px.e);
+  at::Tensor gy = ref_grad ? at::zeros_like(py.e) : at::Tensor();
+  if (px.rows() > 0 && py.rows() > 0) {
+    const RowLabels l{in.lab.data_ptr<int64_t>(), in.ref_lab.data_ptr<int64_t>(), py.rows(),
+                      in.self.data_ptr<int64_t>()};
+    AT_DISPATCH_FLOATING_TYPES(px.e.scalar_type(), "ref_loss_backward", [&] {
+      TC_METRIC_SWITCH(metric, kM, [&] {
+        rows_backward<scalar_t, kM, Rows>(px, py, l, static_cast<scalar_t>(margin),
+                                          grad_loss_sum.item<scalar_t>(), gx, gy);
+      });
+    });
+  }
+  return {gx.to(embeddings.scalar_type()),
+          ref_grad ? gy.to(ref.scalar_type()) : at::empty({0}, ref.options())};
 }
 
 }  // namespace cpu

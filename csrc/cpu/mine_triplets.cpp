@@ -21,28 +21,33 @@ Triplets batch_hard_triplets(const Prepared& p, const at::Tensor& lab, Metric m)
   return {a, r.pos_idx.index_select(0, a), r.neg_idx.index_select(0, a)};
 }
 
-Triplets batch_all_triplets(const at::Tensor& lab) {
-  const int64_t N = lab.size(0);
-  const int64_t* l = lab.data_ptr<int64_t>();
+// Every (a, p, n) with cand[p] == anchor[a], p != self(a), cand[n] != anchor[a]: the batch
+// against itself, or anchors against a reference set (p, n then index it).
+Triplets batch_all_triplets(const RowLabels& l, int64_t N, const at::TensorOptions& opts) {
+  const int64_t C = l.cols;
   // Every anchor's triplets are |positives| * |negatives|, laid out by exclusive scan.
-  std::vector<int64_t> class_size(N, 0), offset(N + 1, 0);
+  std::vector<int64_t> positives(N, 0), offset(N + 1, 0);
   at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t a = lo; a < hi; ++a) {
-      for (int64_t j = 0; j < N; ++j) class_size[a] += l[j] == l[a];
+      const int64_t self = l.self_of(a);
+      int64_t same = 0;
+      for (int64_t j = 0; j < C; ++j) same += l.cand[j] == l.anchor[a];
+      const bool self_same = self >= 0 && l.cand[self] == l.anchor[a];
+      positives[a] = (same - self_same) * (C - same);
     }
   });
-  for (int64_t a = 0; a < N; ++a) offset[a + 1] = offset[a] + (class_size[a] - 1) * (N - class_size[a]);
-  const auto opts = lab.options();
+  for (int64_t a = 0; a < N; ++a) offset[a + 1] = offset[a] + positives[a];
   at::Tensor A = at::empty({offset[N]}, opts), P = at::empty_like(A), Ng = at::empty_like(A);
   int64_t *pa = A.data_ptr<int64_t>(), *pp = P.data_ptr<int64_t>(), *pn = Ng.data_ptr<int64_t>();
   at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t a = lo; a < hi; ++a) {
       int64_t k = offset[a];
       if (k == offset[a + 1]) continue;
-      for (int64_t j = 0; j < N; ++j) {
-        if (j == a || l[j] != l[a]) continue;
-        for (int64_t n = 0; n < N; ++n) {
-          if (l[n] == l[a]) continue;
+      const int64_t la = l.anchor[a], self = l.self_of(a);
+      for (int64_t j = 0; j < C; ++j) {
+        if (j == self || l.cand[j] != la) continue;
+        for (int64_t n = 0; n < C; ++n) {
+          if (l.cand[n] == la) continue;
           pa[k] = a, pp[k] = j, pn[k] = n;
           ++k;
         }
@@ -50,6 +55,34 @@ Triplets batch_all_triplets(const at::Tensor& lab) {
     }
   });
   return {A, P, Ng};
+}
+
+// Index triplets from per-anchor (positive, negative) lists.
+Triplets flatten(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rows,
+                 const at::TensorOptions& opts) {
+  int64_t total = 0;
+  for (const auto& r : rows) total += static_cast<int64_t>(r.size());
+  at::Tensor A = at::empty({total}, opts), P = at::empty_like(A), Ng = at::empty_like(A);
+  int64_t *pa = A.data_ptr<int64_t>(), *pp = P.data_ptr<int64_t>(), *pn = Ng.data_ptr<int64_t>();
+  int64_t k = 0;
+  for (int64_t a = 0; a < static_cast<int64_t>(rows.size()); ++a) {
+    for (const auto& pn_pair : rows[a]) {
+      pa[k] = a, pp[k] = pn_pair.first, pn[k] = pn_pair.second;
+      ++k;
+    }
+  }
+  return {A, P, Ng};
+}
+
+// The semi-hard row policy over the rows of x against the rows of y: per anchor its
+// (positive, chosen negative) pairs.
+template <typename T, Metric M>
+void semi_hard_rows(const Prepared& x, const Prepared& y, const RowLabels& l,
+                    std::vector<std::vector<std::pair<int64_t, int64_t>>>& rows) {
+  const SemiHardRows<T, M> policy(l, T(0));
+  for_each_distance_row<T, M>(x, y, [&](int64_t a, const T* d) {
+    policy.for_each_pair(a, d, [&](int64_t j, const auto& n, T) { rows[a].emplace_back(j, n.second); });
+  });
 }
 
 Triplets semi_hard_triplets(const Prepared& p, const at::Tensor& lab, Metric m) {
@@ -70,27 +103,20 @@ Triplets semi_hard_triplets(const Prepared& p, const at::Tensor& lab, Metric m) 
         }
         return;
       }
-      const SemiHardRows<scalar_t, kM> policy(lab.data_ptr<int64_t>(), N, scalar_t(0));
-      for_each_distance_row<scalar_t, kM>(p, p, [&](int64_t a, const scalar_t* d) {
-        policy.for_each_pair(a, d, [&](int64_t j, const auto& n, scalar_t) {
-          rows[a].emplace_back(j, n.second);
-        });
-      });
+      semi_hard_rows<scalar_t, kM>(p, p, RowLabels::batch(l, N), rows);
     });
   });
-  int64_t total = 0;
-  for (const auto& r : rows) total += static_cast<int64_t>(r.size());
-  const auto opts = lab.options();
-  at::Tensor A = at::empty({total}, opts), P = at::empty_like(A), Ng = at::empty_like(A);
-  int64_t *pa = A.data_ptr<int64_t>(), *pp = P.data_ptr<int64_t>(), *pn = Ng.data_ptr<int64_t>();
-  int64_t k = 0;
-  for (int64_t a = 0; a < N; ++a) {
-    for (const auto& pn_pair : rows[a]) {
-      pa[k] = a, pp[k] = pn_pair.first, pn[k] = pn_pair.second;
-      ++k;
-    }
-  }
-  return {A, P, Ng};
+  return flatten(rows, lab.options());
+}
+
+// Query vs reference: x (N, D) anchors against y (M, D); p and n index y.
+Triplets semi_hard_triplets_ref(const Prepared& x, const Prepared& y, const RowLabels& l, Metric m,
+                                const at::TensorOptions& opts) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rows(x.rows());
+  AT_DISPATCH_FLOATING_TYPES(x.e.scalar_type(), "semi_hard_triplets_ref", [&] {
+    TC_METRIC_SWITCH(m, kM, [&] { semi_hard_rows<scalar_t, kM>(x, y, l, rows); });
+  });
+  return flatten(rows, opts);
 }
 
 }  // namespace
@@ -108,9 +134,36 @@ Triplets mine_triplets_cpu(const at::Tensor& embeddings, const at::Tensor& label
     case Strategy::kBatchHard:
       return batch_hard_triplets(prepare(embeddings, m), lab, m);
     case Strategy::kBatchAll:
-      return batch_all_triplets(lab);
+      return batch_all_triplets(RowLabels::batch(lab.data_ptr<int64_t>(), lab.size(0)), lab.size(0),
+                                lab.options());
     default:
       return semi_hard_triplets(prepare(embeddings, m), lab, m);
+  }
+}
+
+// Query vs reference: embeddings (N, D), labels (N,) anchors; ref (M, D), ref_labels (M,),
+// self_index (N,) -> (anchor, positive, negative), positive and negative indexing ref.
+Triplets mine_triplets_ref_cpu(const at::Tensor& embeddings, const at::Tensor& labels,
+                               const at::Tensor& ref, const at::Tensor& ref_labels,
+                               const at::Tensor& self_index, int64_t strategy, int64_t metric) {
+  const RefInputs in = check_ref_batch(embeddings, labels, ref, ref_labels, self_index, metric);
+  TORCH_CHECK(strategy >= 0 && strategy <= 2,
+              "triplet_cuda: strategy must be 0 (batch_hard), 1 (batch_all) or 2 (semi_hard), got ",
+              strategy);
+  const Metric m = static_cast<Metric>(metric);
+  const int64_t N = embeddings.size(0);
+  const RowLabels l{in.lab.data_ptr<int64_t>(), in.ref_lab.data_ptr<int64_t>(), ref.size(0),
+                    in.self.data_ptr<int64_t>()};
+  switch (static_cast<Strategy>(strategy)) {
+    case Strategy::kBatchHard: {
+      const HardMined r = mine_batch_hard_ref(prepare(embeddings, m), prepare(ref, m), l, m);
+      const at::Tensor a = (r.pos_idx >= 0).nonzero().select(1, 0);
+      return {a, r.pos_idx.index_select(0, a), r.neg_idx.index_select(0, a)};
+    }
+    case Strategy::kBatchAll:
+      return batch_all_triplets(l, N, in.lab.options());
+    default:
+      return semi_hard_triplets_ref(prepare(embeddings, m), prepare(ref, m), l, m, in.lab.options());
   }
 }
 

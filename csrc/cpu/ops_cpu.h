@@ -54,6 +54,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_cpu(const at::Tenso
                                                                 const at::Tensor& labels,
                                                                 int64_t strategy, int64_t metric);
 
+// Query vs reference (the *_ref ops, csrc/ops.cpp): embeddings (N, D), labels (N,) anchors;
+// ref (M, D), ref_labels (M,) candidates; self_index (N,) int64 (-1: the anchor is not in ref).
+// Indices point into ref; backward ops return (grad_embeddings (N, D), grad_ref (M, D), or an
+// empty (0,) tensor when ref_grad is false).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_ref_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,
+    const at::Tensor& ref_labels, const at::Tensor& self_index, int64_t metric);
+std::tuple<at::Tensor, at::Tensor> batch_hard_mine_ref_backward_cpu(
+    const at::Tensor& grad_pos_dist, const at::Tensor& grad_neg_dist, const at::Tensor& embeddings,
+    const at::Tensor& ref, const at::Tensor& pos_dist, const at::Tensor& pos_idx,
+    const at::Tensor& neg_dist, const at::Tensor& neg_idx, int64_t metric, bool ref_grad);
+#define TC_DECLARE_REF_LOSS(NAME)                                                              \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> NAME##_ref_forward(                           \
+      const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,           \
+      const at::Tensor& ref_labels, const at::Tensor& self_index, double margin,               \
+      int64_t metric);                                                                         \
+  std::tuple<at::Tensor, at::Tensor> NAME##_ref_backward(                                      \
+      const at::Tensor& grad_loss_sum, const at::Tensor& embeddings, const at::Tensor& labels, \
+      const at::Tensor& ref, const at::Tensor& ref_labels, const at::Tensor& self_index,       \
+      double margin, int64_t metric, bool ref_grad);
+TC_DECLARE_REF_LOSS(batch_all)
+TC_DECLARE_REF_LOSS(semi_hard)
+TC_DECLARE_REF_LOSS(contrastive)
+#undef TC_DECLARE_REF_LOSS
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_ref_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,
+    const at::Tensor& ref_labels, const at::Tensor& self_index, int64_t strategy, int64_t metric);
+
 // query: (N, D), ref: (M, D) -> (dist (N, k), idx (N, k) int64).
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& ref,
                                            int64_t k, int64_t metric, int64_t self_offset);

@@ -20,6 +20,15 @@ TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) {
   m.impl("contrastive_loss_backward", &contrastive_backward);
   m.impl("mine_triplets", &mine_triplets_cpu);
   m.impl("knn", &knn_cpu);
+  m.impl("batch_hard_mine_ref", &batch_hard_mine_ref_cpu);
+  m.impl("batch_hard_mine_ref_backward", &batch_hard_mine_ref_backward_cpu);
+  m.impl("batch_all_loss_ref", &batch_all_ref_forward);
+  m.impl("batch_all_loss_ref_backward", &batch_all_ref_backward);
+  m.impl("semi_hard_loss_ref", &semi_hard_ref_forward);
+  m.impl("semi_hard_loss_ref_backward", &semi_hard_ref_backward);
+  m.impl("contrastive_loss_ref", &contrastive_ref_forward);
+  m.impl("contrastive_loss_ref_backward", &contrastive_ref_backward);
+  m.impl("mine_triplets_ref", &mine_triplets_ref_cpu);
 }
 
 }  // namespace cpu

@@ -75,5 +75,21 @@ at::Tensor semi_hard_backward(const at::Tensor& grad_loss_sum, const at::Tensor&
   return loss_backward<SemiHard>(grad_loss_sum, embeddings, labels, margin, metric);
 }
 
+// Query vs reference: the row policy over anchor rows x reference columns.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_ref_forward(
+    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,
+    const at::Tensor& ref_labels, const at::Tensor& self_index, double margin, int64_t metric) {
+  return ref_loss_forward<SemiHardRows>(embeddings, labels, ref, ref_labels, self_index, margin,
+                                        metric);
+}
+
+std::tuple<at::Tensor, at::Tensor> semi_hard_ref_backward(
+    const at::Tensor& grad_loss_sum, const at::Tensor& embeddings, const at::Tensor& labels,
+    const at::Tensor& ref, const at::Tensor& ref_labels, const at::Tensor& self_index,
+    double margin, int64_t metric, bool ref_grad) {
+  return ref_loss_backward<SemiHardRows>(grad_loss_sum, embeddings, labels, ref, ref_labels,
+                                         self_index, margin, metric, ref_grad);
+}
+
 }  // namespace cpu
 }  // namespace triplet_cuda

@@ -15,10 +15,10 @@ namespace cpu {
 
 template <typename T, Metric M>
 struct SemiHardRows {
-  const int64_t* lab;
-  int64_t N;
+  RowLabels l;  // anchors against candidates (the batch, or a reference set)
+  int64_t N;    // candidates
   T margin;
-  SemiHardRows(const int64_t* l, int64_t n, T mg) : lab(l), N(n), margin(mg) {}
+  SemiHardRows(const RowLabels& lb, T mg) : l(lb), N(lb.cols), margin(mg) {}
 
   using Neg = std::pair<T, int64_t>;  // (distance, index)
 
@@ -29,9 +29,6 @@ struct SemiHardRows {
 
   // Calls fn(p, chosen negative (distance, index), term) for every positive p of anchor a, in
   // ascending p. The chosen negative is the nearest one with d_an > d_ap, else the farthest
-  // one; ties go to the lowest index.
-  // Calls fn(p, chosen negative (distance, index), term) for every positive p of anchor a, in
-  // ascending p. The chosen negative is the nearest one with d_an > d_ap, else the farthest
   // one; ties go to the lowest index, a NaN distance ranks farthest (csrc/epilogue.h).
   // Returns whether the row holds a NaN distance.
   template <typename Fn>
@@ -39,11 +36,12 @@ struct SemiHardRows {
     std::vector<int64_t> pos;
     int64_t negatives = 0;
     bool nan = false;
+    const int64_t la = l.anchor[a], self = l.self_of(a);
     for (int64_t j = 0; j < N; ++j) {
       nan |= epi::is_nan(d[j]);
-      if (lab[j] != lab[a]) {
+      if (l.cand[j] != la) {
         ++negatives;
-      } else if (j != a) {
+      } else if (j != self) {
         pos.push_back(j);
       }
     }
@@ -66,7 +64,7 @@ struct SemiHardRows {
     // Ascending j; the updates are selects, not branches: d_an against d_ap is a coin flip
     // the predictor cannot learn.
     for (int64_t j = 0; j < N; ++j) {
-      if (lab[j] == lab[a]) continue;
+      if (l.cand[j] == l.anchor[a]) continue;
       const T dj = d[j];
       farthest.update(dj, j);
       for (size_t k = 0; k < P; ++k) choice[k].update(d_ap[k], dj, j);
@@ -82,7 +80,7 @@ struct SemiHardRows {
   void sort_select(int64_t a, const T* d, const std::vector<int64_t>& pos, Fn& fn) const {
     std::vector<Neg> neg;  // sorted by (distance, index)
     for (int64_t j = 0; j < N; ++j) {
-      if (lab[j] != lab[a]) neg.emplace_back(d[j], j);
+      if (l.cand[j] != l.anchor[a]) neg.emplace_back(d[j], j);
     }
     std::sort(neg.begin(), neg.end());
     const T farthest_d = neg.back().first;
@@ -121,7 +119,7 @@ struct SemiHardRows {
       }
     });
     if (nan && any) {  // every candidate of the anchor gets a NaN weight
-      for (int64_t j = 0; j < N; ++j) w[j] = j == a ? T(0) : epi::quiet_nan<T>();
+      for (int64_t j = 0; j < N; ++j) w[j] = j == l.self_of(a) ? T(0) : epi::quiet_nan<T>();
     }
   }
 };
