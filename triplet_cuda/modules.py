@@ -107,13 +107,25 @@ class TripletLoss(torch.nn.Module):
         self.return_stats = bool(return_stats)
 
     def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        ref_self_index: int | torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
         """The loss of a batch (see the class docstring).
 
         Args:
-            embeddings: (N, D) floating point embeddings.
+            embeddings: (N, D) floating point embeddings (the anchors).
             labels: (N,) integer class labels.
+            ref_embeddings: Optional (M, D) reference set the positives and negatives are
+                taken from (with ``ref_labels`` (M,)); gradients flow to it when it requires
+                grad.
+            ref_labels: (M,) integer labels of ``ref_embeddings``; given together with it.
+            ref_self_index: Which reference row is each anchor itself: None (none), an int k
+                (anchor i is reference row k + i) or an integer (N,) tensor, -1 for none.
 
         Returns:
             The loss, or ``(loss, TripletStats)`` when the module was made with
@@ -122,7 +134,8 @@ class TripletLoss(torch.nn.Module):
         fn = _MINING[self.mining][0]
         kwargs = {"soft_margin": self.soft_margin} if self.mining == "batch_hard" else {}
         return fn(embeddings, labels, self.margin, metric=self.metric, reduction=self.reduction,
-                  return_stats=self.return_stats, **kwargs)
+                  return_stats=self.return_stats, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+                  ref_self_index=ref_self_index, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, mining={self.mining!r}, metric={self.metric!r}, "
@@ -177,20 +190,33 @@ class ContrastiveLoss(torch.nn.Module):
         self.return_stats = bool(return_stats)
 
     def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+        ref_self_index: int | torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
         """The loss of a batch (see the class docstring).
 
         Args:
-            embeddings: (N, D) floating point embeddings.
+            embeddings: (N, D) floating point embeddings (the anchors).
             labels: (N,) integer class labels.
+            ref_embeddings: Optional (M, D) reference set the positives and negatives are
+                taken from (with ``ref_labels`` (M,)); gradients flow to it when it requires
+                grad.
+            ref_labels: (M,) integer labels of ``ref_embeddings``; given together with it.
+            ref_self_index: Which reference row is each anchor itself: None (none), an int k
+                (anchor i is reference row k + i) or an integer (N,) tensor, -1 for none.
 
         Returns:
             The loss, or ``(loss, TripletStats)`` when the module was made with
             ``return_stats=True``.
         """
         return F.contrastive_loss(embeddings, labels, self.margin, metric=self.metric, reduction=self.reduction,
-                                  return_stats=self.return_stats)
+                                  return_stats=self.return_stats, ref_embeddings=ref_embeddings,
+                                  ref_labels=ref_labels, ref_self_index=ref_self_index)
 
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, metric={self.metric!r}, reduction={self.reduction!r}, "
