@@ -6,8 +6,8 @@ triplets or reduce over all triplets without building the N x N x N tensor of th
 
 Functions (triplet_cuda.functional): pairwise_distance, batch_hard_mine, mine_triplets,
 batch_hard_triplet_loss, batch_all_triplet_loss, semi_hard_triplet_loss, contrastive_loss.
-Modules (triplet_cuda.modules): TripletLoss, ContrastiveLoss. Result types: HardMining,
-TripletStats. triplet_cuda.reference is the pure-PyTorch oracle of the tests.
+Modules (triplet_cuda.modules): TripletLoss, ContrastiveLoss. Miners in pytorch-metric-learning's
+index-tuple format: triplet_cuda.miners. Result types: HardMining, TripletStats. triplet_cuda.reference is the pure-PyTorch oracle of the tests.
 
 Importing the package loads the compiled ops: the ahead-of-time build (triplet_cuda._C) when
 it was installed, else a JIT build, cached per digest of the sources and build settings
@@ -23,7 +23,7 @@ Example:
     >>> tc.TripletLoss(margin=2.5, mining="batch_all")(embeddings, labels)
     tensor(0.4189)
 """
-from . import metrics, reference
+from . import metrics, miners, reference
 from ._loader import loaded_from
 from ._types import HardMining, TripletStats
 from .functional import (
@@ -50,6 +50,7 @@ __all__ = [
     "contrastive_loss",
     "loaded_from",
     "metrics",
+    "miners",
     "mine_triplets",
     "pairwise_distance",
     "reference",
