@@ -1,7 +1,16 @@
 """Pure-PyTorch reference of every triplet_cuda op, written for clarity, not speed.
 
 Everything here materialises the full N x N distance matrix (and N x N x N for
-batch all and semi hard), exactly like the classic mask recipe. The tests check
+batch all and semi hard), exactly like the classic mask recipe. With a reference set
+(`ref_embeddings` (M, D), `ref_labels` (M,), keyword-only) the anchors are the rows of
+`embeddings` and the positives / negatives (contrastive: the pair partners) are reference
+rows: the matrices are N x M (N x M x M), and `ref_self_index` says which reference row is
+the anchor itself (never its own positive, nor a contrastive pair): None = no anchor is in
+the reference set, an int k = anchor i is reference row k + i, an int64 (N,) tensor with -1
+for "not in the set". Without a reference set the batch is the reference set and anchor i
+is its row i, but the contrastive loss keeps its unordered pairs i < j (with a reference set
+it sums ordered pairs (a, j), so the batch as its own reference set with self index 0 gives
+twice the sum and the same mean). The tests check
 the fused kernels against these functions; the benchmarks use them as the
 "naive" baseline. Computations run in the dtype of the input: pass float64 for
 a tight reference.
@@ -30,18 +39,66 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, metric: st
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def label_masks(labels: torch.Tensor):
-    """(positive, negative) boolean (N, N) masks: positive excludes the diagonal."""
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(labels.numel(), dtype=torch.bool, device=labels.device)
-    return same & ~eye, ~same
+def self_index_tensor(n: int, m: int, ref_self_index, device) -> torch.Tensor:
+    """ref_self_index (None, int k or an int64 (N,) tensor, -1 = none) -> int64 (N,) tensor of
+    the reference row that is each anchor itself, -1 where none."""
+    if ref_self_index is None:
+        return torch.full((n,), -1, dtype=torch.int64, device=device)
+    if isinstance(ref_self_index, int):
+        if ref_self_index < 0 or ref_self_index + n > m:
+            raise ValueError(f"ref_self_index must satisfy 0 <= k and k + N <= M (N={n}, M={m}), got {ref_self_index}")
+        return torch.arange(n, dtype=torch.int64, device=device) + ref_self_index
+    idx = ref_self_index.to(device=device, dtype=torch.int64)
+    if idx.shape != (n,) or bool(((idx < -1) | (idx >= m)).any()):
+        raise ValueError(f"ref_self_index must be an int64 ({n},) tensor with values in [-1, {m}), got {ref_self_index}")
+    return idx
 
 
-def batch_hard_mine(embeddings, labels, metric="euclidean") -> HardMining:
-    d = pairwise_distance(embeddings, metric=metric)
-    pos, neg = label_masks(labels)
+def reference_set(embeddings, labels, ref_embeddings=None, ref_labels=None, ref_self_index=None):
+    """-> (ref_embeddings (M, D), ref_labels (M,), self index (N,) int64): the batch itself with
+    self index arange(N) when no reference set is given."""
+    if (ref_embeddings is None) != (ref_labels is None):
+        missing = "ref_labels" if ref_labels is None else "ref_embeddings"
+        raise ValueError(f"ref_embeddings and ref_labels go together: {missing} is missing")
+    n = labels.numel()
+    if ref_embeddings is None:
+        if ref_self_index is not None:
+            raise ValueError("ref_self_index needs a reference set (ref_embeddings, ref_labels)")
+        return embeddings, labels, torch.arange(n, dtype=torch.int64, device=labels.device)
+    return ref_embeddings, ref_labels, self_index_tensor(n, ref_labels.numel(), ref_self_index, labels.device)
+
+
+def label_masks(labels: torch.Tensor, ref_labels: torch.Tensor | None = None, self_index: torch.Tensor | None = None):
+    """(positive, negative) boolean (N, M) masks of anchors `labels` (N,) against candidates
+    `ref_labels` (M,) (default: labels itself): positive excludes each anchor's own row
+    `self_index` (N,) (-1: none; default: the diagonal)."""
+    if ref_labels is None:
+        ref_labels = labels
+    if self_index is None:
+        self_index = torch.arange(labels.numel(), device=labels.device)
+    same = labels[:, None] == ref_labels[None, :]
+    own = torch.arange(ref_labels.numel(), device=labels.device)[None, :] == self_index[:, None]
+    return same & ~own, ~same
+
+
+def _setup(embeddings, labels, metric, ref_embeddings, ref_labels, ref_self_index):
+    """-> (d (N, M), positive mask, negative mask, self index) of anchors vs the reference set."""
+    ref, ref_lab, self_idx = reference_set(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    d = pairwise_distance(embeddings, ref, metric=metric)
+    pos, neg = label_masks(labels, ref_lab, self_idx)
+    return d, pos, neg, self_idx
+
+
+def batch_hard_mine(embeddings, labels, metric="euclidean", *, ref_embeddings=None, ref_labels=None,
+                    ref_self_index=None) -> HardMining:
+    """Per anchor the farthest positive and the nearest negative of the reference set (default:
+    the batch); pos_idx / neg_idx index the reference set."""
+    d, pos, neg, _ = _setup(embeddings, labels, metric, ref_embeddings, ref_labels, ref_self_index)
     valid = pos.any(1) & neg.any(1)
     # argmax/argmin return the first extreme value: ties go to the lowest index.
+    if d.shape[1] == 0:  # argmax of an empty row: every anchor is invalid anyway
+        d = d.new_zeros((d.shape[0], 1))
+        pos = neg = torch.zeros_like(d, dtype=torch.bool)
     pos_idx = d.masked_fill(~pos, float("-inf")).argmax(1)
     neg_idx = d.masked_fill(~neg, float("inf")).argmin(1)
     pos_dist = d.gather(1, pos_idx[:, None])[:, 0]
@@ -75,8 +132,10 @@ def _reduce(terms, valid, reduction):
 
 
 def batch_hard_triplet_loss(embeddings, labels, margin=0.2, metric="euclidean", soft_margin=False,
-                            reduction="mean", return_stats=False):
-    m = batch_hard_mine(embeddings, labels, metric)
+                            reduction="mean", return_stats=False, *, ref_embeddings=None, ref_labels=None,
+                            ref_self_index=None):
+    m = batch_hard_mine(embeddings, labels, metric, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+                        ref_self_index=ref_self_index)
     valid = m.pos_idx >= 0
     gap = m.pos_dist - m.neg_dist
     terms = torch.nn.functional.softplus(gap) if soft_margin else torch.relu(gap + margin)
@@ -86,9 +145,8 @@ def batch_hard_triplet_loss(embeddings, labels, margin=0.2, metric="euclidean", 
 
 
 def batch_all_triplet_loss(embeddings, labels, margin=0.2, metric="euclidean", reduction="mean_nonzero",
-                           return_stats=False):
-    d = pairwise_distance(embeddings, metric=metric)
-    pos, neg = label_masks(labels)
+                           return_stats=False, *, ref_embeddings=None, ref_labels=None, ref_self_index=None):
+    d, pos, neg, _ = _setup(embeddings, labels, metric, ref_embeddings, ref_labels, ref_self_index)
     valid = pos[:, :, None] & neg[:, None, :]  # (anchor, positive, negative)
     terms = torch.relu(d[:, :, None] - d[:, None, :] + margin)
     terms = torch.where(valid, terms, torch.zeros_like(terms))
@@ -96,27 +154,32 @@ def batch_all_triplet_loss(embeddings, labels, margin=0.2, metric="euclidean", r
     return (loss, stats) if return_stats else loss
 
 
-def semi_hard_negatives(embeddings, labels, metric="euclidean"):
-    """-> (d (N, N), valid pairs (N, N), selected negative index (N, N)) for every (a, p)."""
-    d = pairwise_distance(embeddings, metric=metric)
-    pos, neg = label_masks(labels)
-    n = d.shape[0]
+def semi_hard_negatives(embeddings, labels, metric="euclidean", *, ref_embeddings=None, ref_labels=None,
+                        ref_self_index=None):
+    """-> (d (N, M), valid pairs (N, M), selected negative index (N, M)) for every (a, p),
+    p and the negative being reference rows (default: the batch)."""
+    d, pos, neg, _ = _setup(embeddings, labels, metric, ref_embeddings, ref_labels, ref_self_index)
+    n, m = d.shape
     d_ap = d[:, :, None]                       # (a, p, 1)
-    d_an = d[:, None, :].expand(n, n, n)       # (a, p, n)
+    d_an = d[:, None, :].expand(n, m, m)       # (a, p, n)
     outside = neg[:, None, :] & (d_an > d_ap)  # negatives farther than the positive
     has_outside = outside.any(-1)
+    if m == 0:  # no pair at all
+        empty = torch.zeros((n, 0), dtype=torch.int64, device=d.device)
+        return d, torch.zeros((n, 0), dtype=torch.bool, device=d.device), empty
     # nearest negative that is farther than the positive (ties: lowest index)
     idx_outside = d_an.masked_fill(~outside, float("inf")).argmin(-1)
     # otherwise the farthest negative (ties: lowest index)
-    idx_inside = d.masked_fill(~neg, float("-inf")).argmax(-1)[:, None].expand(n, n)
+    idx_inside = d.masked_fill(~neg, float("-inf")).argmax(-1)[:, None].expand(n, m)
     sel = torch.where(has_outside, idx_outside, idx_inside)
     valid = pos & neg.any(1)[:, None]
     return d, valid, sel
 
 
 def semi_hard_triplet_loss(embeddings, labels, margin=0.2, metric="euclidean", reduction="mean",
-                           return_stats=False):
-    d, valid, sel = semi_hard_negatives(embeddings, labels, metric)
+                           return_stats=False, *, ref_embeddings=None, ref_labels=None, ref_self_index=None):
+    d, valid, sel = semi_hard_negatives(embeddings, labels, metric, ref_embeddings=ref_embeddings,
+                                        ref_labels=ref_labels, ref_self_index=ref_self_index)
     d_an = d.gather(1, sel) if d.numel() else d
     terms = torch.relu(d - d_an + margin)
     terms = torch.where(valid, terms, torch.zeros_like(terms))
@@ -124,7 +187,17 @@ def semi_hard_triplet_loss(embeddings, labels, margin=0.2, metric="euclidean", r
     return (loss, stats) if return_stats else loss
 
 
-def contrastive_loss(embeddings, labels, margin=1.0, metric="euclidean", reduction="mean", return_stats=False):
+def contrastive_loss(embeddings, labels, margin=1.0, metric="euclidean", reduction="mean", return_stats=False,
+                     *, ref_embeddings=None, ref_labels=None, ref_self_index=None):
+    """Without a reference set: over the unordered pairs i < j of the batch. With one: over the
+    ordered pairs (a, j), j any reference row but the anchor's own (ref_self_index)."""
+    if ref_embeddings is not None or ref_labels is not None:
+        d, pos, neg, self_idx = _setup(embeddings, labels, metric, ref_embeddings, ref_labels, ref_self_index)
+        own = torch.arange(d.shape[1], device=d.device)[None, :] == self_idx[:, None]
+        terms = torch.where(pos, d.pow(2), torch.relu(margin - d).pow(2))
+        terms = torch.where(own, torch.zeros_like(terms), terms)
+        loss, stats = _reduce(terms, ~own, reduction)
+        return (loss, stats) if return_stats else loss
     n = labels.numel()
     d = pairwise_distance(embeddings, metric=metric)
     i, j = torch.triu_indices(n, n, offset=1, device=labels.device)
@@ -135,18 +208,22 @@ def contrastive_loss(embeddings, labels, margin=1.0, metric="euclidean", reducti
     return (loss, stats) if return_stats else loss
 
 
-def mine_triplets(embeddings, labels, strategy="batch_hard", metric="euclidean"):
-    """(anchor, positive, negative) int64 index tensors, sorted by (anchor, positive, negative)."""
+def mine_triplets(embeddings, labels, strategy="batch_hard", metric="euclidean", *, ref_embeddings=None,
+                  ref_labels=None, ref_self_index=None):
+    """(anchor, positive, negative) int64 index tensors, sorted by (anchor, positive, negative);
+    positive and negative index the reference set (default: the batch)."""
+    ref = dict(ref_embeddings=ref_embeddings, ref_labels=ref_labels, ref_self_index=ref_self_index)
     if strategy == "batch_hard":
-        m = batch_hard_mine(embeddings, labels, metric)
+        m = batch_hard_mine(embeddings, labels, metric, **ref)
         a = torch.nonzero(m.pos_idx >= 0)[:, 0]
         return a, m.pos_idx[a], m.neg_idx[a]
-    pos, neg = label_masks(labels)
+    _, ref_lab, self_idx = reference_set(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    pos, neg = label_masks(labels, ref_lab, self_idx)
     if strategy == "batch_all":
         a, p, n = torch.nonzero(pos[:, :, None] & neg[:, None, :], as_tuple=True)
         return a, p, n
     if strategy == "semi_hard":
-        _, valid, sel = semi_hard_negatives(embeddings, labels, metric)
+        _, valid, sel = semi_hard_negatives(embeddings, labels, metric, **ref)
         a, p = torch.nonzero(valid, as_tuple=True)
         return a, p, sel[a, p]
     raise ValueError(f"unknown strategy {strategy!r}")
