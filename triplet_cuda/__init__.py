@@ -6,8 +6,10 @@ triplets or reduce over all triplets without building the N x N x N tensor of th
 
 Functions (triplet_cuda.functional): pairwise_distance, batch_hard_mine, mine_triplets,
 batch_hard_triplet_loss, batch_all_triplet_loss, semi_hard_triplet_loss, contrastive_loss.
-Modules (triplet_cuda.modules): TripletLoss, ContrastiveLoss. Miners in pytorch-metric-learning's
-index-tuple format: triplet_cuda.miners. Result types: HardMining, TripletStats. triplet_cuda.reference is the pure-PyTorch oracle of the tests.
+Modules (triplet_cuda.modules): TripletLoss, ContrastiveLoss; CrossBatchMemory (a memory bank
+of past embeddings around either). Miners in pytorch-metric-learning's index-tuple format:
+triplet_cuda.miners. Result types: HardMining, TripletStats. triplet_cuda.reference is the
+pure-PyTorch oracle of the tests.
 
 Importing the package loads the compiled ops: the ahead-of-time build (triplet_cuda._C) when
 it was installed, else a JIT build, cached per digest of the sources and build settings
@@ -35,12 +37,14 @@ from .functional import (
     pairwise_distance,
     semi_hard_triplet_loss,
 )
+from .memory import CrossBatchMemory
 from .modules import ContrastiveLoss, TripletLoss
 
 __version__: str = "0.1.0"
 
 __all__ = [
     "ContrastiveLoss",
+    "CrossBatchMemory",
     "HardMining",
     "TripletLoss",
     "TripletStats",
