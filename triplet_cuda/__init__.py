@@ -8,8 +8,9 @@ Functions (triplet_cuda.functional): pairwise_distance, batch_hard_mine, mine_tr
 batch_hard_triplet_loss, batch_all_triplet_loss, semi_hard_triplet_loss, contrastive_loss.
 Modules (triplet_cuda.modules): TripletLoss, ContrastiveLoss; CrossBatchMemory (a memory bank
 of past embeddings around either). Miners in pytorch-metric-learning's index-tuple format:
-triplet_cuda.miners. Result types: HardMining, TripletStats. triplet_cuda.reference is the
-pure-PyTorch oracle of the tests.
+triplet_cuda.miners. Mining across ranks (torch.distributed): triplet_cuda.distributed and
+``gather_across_ranks=True``. Result types: HardMining, TripletStats. triplet_cuda.reference is
+the pure-PyTorch oracle of the tests.
 
 Importing the package loads the compiled ops: the ahead-of-time build (triplet_cuda._C) when
 it was installed, else a JIT build, cached per digest of the sources and build settings
@@ -25,7 +26,7 @@ Example:
     >>> tc.TripletLoss(margin=2.5, mining="batch_all")(embeddings, labels)
     tensor(0.4189)
 """
-from . import metrics, miners, reference
+from . import distributed, metrics, miners, reference
 from ._loader import loaded_from
 from ._types import HardMining, TripletStats
 from .functional import (
@@ -52,6 +53,7 @@ __all__ = [
     "batch_hard_mine",
     "batch_hard_triplet_loss",
     "contrastive_loss",
+    "distributed",
     "loaded_from",
     "metrics",
     "miners",
