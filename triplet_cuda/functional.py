@@ -21,6 +21,7 @@ from typing import Literal, overload
 import torch
 
 from . import _validation as v
+from . import distributed as _distributed
 from ._ops import METRICS, STRATEGIES, ops, result_dtype
 from ._types import HardMining, TripletStats
 
@@ -151,16 +152,19 @@ def _reduce_sum(loss_sum: torch.Tensor, num_valid: torch.Tensor, num_positive: t
 def batch_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     soft_margin: bool = ..., reduction: BatchHardReduction = ..., return_stats: Literal[False] = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor: ...
 @overload
 def batch_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     soft_margin: bool = ..., reduction: BatchHardReduction = ..., return_stats: Literal[True],
+    gather_across_ranks: bool = ...,
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def batch_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     soft_margin: bool = ..., reduction: BatchHardReduction = ..., return_stats: bool = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -173,6 +177,7 @@ def batch_hard_triplet_loss(
     soft_margin: bool = False,
     reduction: BatchHardReduction = "mean",
     return_stats: bool = False,
+    gather_across_ranks: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Batch-hard triplet loss (Hermans et al. 2017).
 
@@ -191,6 +196,9 @@ def batch_hard_triplet_loss(
             > 0), ``"sum"``, or ``"none"`` (per anchor, 0 for invalid anchors).
         return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
             of 0-d tensors, for logging.
+        gather_across_ranks: Under torch.distributed, the loss of the batch of every rank:
+            this rank's anchors mined against all ranks' embeddings, the global value on every
+            rank, gradients scaled for DistributedDataParallel (see triplet_cuda.distributed).
 
     Shapes:
         embeddings: (N, D); labels: (N,); loss: () or (N,) with ``reduction="none"``.
@@ -214,6 +222,9 @@ def batch_hard_triplet_loss(
         >>> loss, stats.num_valid, stats.fraction_positive
         (tensor(0.5000), tensor(4), tensor(1., dtype=torch.float64))
     """
+    if gather_across_ranks:
+        return _distributed.loss_across_ranks(batch_hard_triplet_loss, embeddings, labels, margin, metric=metric,
+                                              soft_margin=soft_margin, reduction=reduction, return_stats=return_stats)
     code = _check_batch(embeddings, labels, metric)
     margin = v.check_margin(margin)
     v.check_choice(reduction, "reduction", BATCH_HARD_REDUCTIONS)
@@ -246,16 +257,19 @@ def _fused_loss(op, embeddings: torch.Tensor, labels: torch.Tensor, margin: floa
 def batch_all_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., return_stats: Literal[False] = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor: ...
 @overload
 def batch_all_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., return_stats: Literal[True],
+    gather_across_ranks: bool = ...,
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def batch_all_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., return_stats: bool = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -267,6 +281,7 @@ def batch_all_triplet_loss(
     metric: Metric = "euclidean",
     reduction: Reduction = "mean_nonzero",
     return_stats: bool = False,
+    gather_across_ranks: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Batch-all triplet loss: ``relu(d_ap - d_an + margin)`` over every valid (a, p, n).
 
@@ -283,6 +298,9 @@ def batch_all_triplet_loss(
             triplets) or ``"sum"``.
         return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
             of 0-d tensors, for logging.
+        gather_across_ranks: Under torch.distributed, the loss of the batch of every rank:
+            this rank's anchors mined against all ranks' embeddings, the global value on every
+            rank, gradients scaled for DistributedDataParallel (see triplet_cuda.distributed).
 
     Shapes:
         embeddings: (N, D); labels: (N,); loss: ().
@@ -304,6 +322,9 @@ def batch_all_triplet_loss(
         >>> tc.batch_all_triplet_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=2.5)
         tensor(0.4189)
     """
+    if gather_across_ranks:
+        return _distributed.loss_across_ranks(batch_all_triplet_loss, embeddings, labels, margin, metric=metric, reduction=reduction,
+                                              return_stats=return_stats)
     return _fused_loss(ops.batch_all_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats)
 
@@ -312,16 +333,19 @@ def batch_all_triplet_loss(
 def semi_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., return_stats: Literal[False] = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor: ...
 @overload
 def semi_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., return_stats: Literal[True],
+    gather_across_ranks: bool = ...,
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def semi_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., return_stats: bool = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -333,6 +357,7 @@ def semi_hard_triplet_loss(
     metric: Metric = "euclidean",
     reduction: Reduction = "mean",
     return_stats: bool = False,
+    gather_across_ranks: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Semi-hard triplet loss (FaceNet; TensorFlow Addons' ``TripletSemiHardLoss``).
 
@@ -349,6 +374,9 @@ def semi_hard_triplet_loss(
             ``"mean_nonzero"`` (over pairs with a loss > 0) or ``"sum"``.
         return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
             of 0-d tensors, for logging.
+        gather_across_ranks: Under torch.distributed, the loss of the batch of every rank:
+            this rank's anchors mined against all ranks' embeddings, the global value on every
+            rank, gradients scaled for DistributedDataParallel (see triplet_cuda.distributed).
 
     Shapes:
         embeddings: (N, D); labels: (N,); loss: ().
@@ -370,6 +398,9 @@ def semi_hard_triplet_loss(
         >>> tc.semi_hard_triplet_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=2.5)
         tensor(0.5000)
     """
+    if gather_across_ranks:
+        return _distributed.loss_across_ranks(semi_hard_triplet_loss, embeddings, labels, margin, metric=metric, reduction=reduction,
+                                              return_stats=return_stats)
     return _fused_loss(ops.semi_hard_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats)
 
@@ -378,16 +409,19 @@ def semi_hard_triplet_loss(
 def contrastive_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., return_stats: Literal[False] = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor: ...
 @overload
 def contrastive_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., return_stats: Literal[True],
+    gather_across_ranks: bool = ...,
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def contrastive_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., return_stats: bool = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -399,6 +433,7 @@ def contrastive_loss(
     metric: Metric = "euclidean",
     reduction: Reduction = "mean",
     return_stats: bool = False,
+    gather_across_ranks: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Contrastive loss (Hadsell, Chopra, LeCun 2006) over all in-batch pairs.
 
@@ -414,6 +449,9 @@ def contrastive_loss(
             ``"sum"``.
         return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
             of 0-d tensors, for logging.
+        gather_across_ranks: Under torch.distributed, the loss of the batch of every rank:
+            this rank's anchors mined against all ranks' embeddings, the global value on every
+            rank, gradients scaled for DistributedDataParallel (see triplet_cuda.distributed).
 
     Shapes:
         embeddings: (N, D); labels: (N,); loss: ().
@@ -435,6 +473,9 @@ def contrastive_loss(
         >>> tc.contrastive_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=1.0)
         tensor(0.3333)
     """
+    if gather_across_ranks:
+        return _distributed.loss_across_ranks(contrastive_loss, embeddings, labels, margin, metric=metric, reduction=reduction,
+                                              return_stats=return_stats)
     return _fused_loss(ops.contrastive_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats)
 
