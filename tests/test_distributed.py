@@ -88,14 +88,20 @@ def _loss_worker(rank, world, init_file, out_dir, shards, names):
         dist.destroy_process_group()
 
 
-def _ddp_worker(rank, world, init_file, out_dir, shards):
+def _semi_hard_criterion(which):
+    if which == "fused":
+        return tc.TripletLoss(margin=0.5, mining="semi_hard", gather_across_ranks=True)
+    return functools.partial(tc.distributed.loss_across_ranks, R.semi_hard_triplet_loss, margin=0.5)
+
+
+def _ddp_worker(rank, world, init_file, out_dir, shards, which):
     _init(rank, world, init_file)
     try:
         x_all, l_all = global_batch(n=sum(shards))
         start = sum(shards[:rank])
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(D, 4).double())
-        criterion = tc.TripletLoss(margin=0.5, mining="semi_hard", gather_across_ranks=True)
+        criterion = _semi_hard_criterion(which)
         loss = criterion(model(x_all[start: start + shards[rank]]), l_all[start: start + shards[rank]])
         loss.backward()
         torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]},
@@ -144,8 +150,10 @@ def test_two_and_three_rank_losses_equal_the_concatenated_batch(tmp_path, shards
             start += n
 
 
-def test_ddp_training_equals_single_process_training(tmp_path):
-    results = run_ranks(_ddp_worker, len(SHARDS), tmp_path, SHARDS)
+@pytest.mark.parametrize("which", ["fused", "reference"])
+def test_ddp_training_equals_single_process_training(tmp_path, which):
+    """which="reference": loss_across_ranks on the reference loss (the scaling alone)."""
+    results = run_ranks(_ddp_worker, len(SHARDS), tmp_path, SHARDS, which)
     x_all, l_all = global_batch()
     torch.manual_seed(0)
     model = torch.nn.Linear(D, 4).double()
