@@ -6,8 +6,11 @@ triplets or reduce over all triplets without building the N x N x N tensor of th
 
 Functions (triplet_cuda.functional): pairwise_distance, batch_hard_mine, mine_triplets,
 batch_hard_triplet_loss, batch_all_triplet_loss, semi_hard_triplet_loss, contrastive_loss.
-Modules (triplet_cuda.modules): TripletLoss, ContrastiveLoss. Result types: HardMining,
-TripletStats. triplet_cuda.reference is the pure-PyTorch oracle of the tests.
+Modules (triplet_cuda.modules): TripletLoss, ContrastiveLoss; CrossBatchMemory (a memory bank
+of past embeddings around either). Miners in pytorch-metric-learning's index-tuple format:
+triplet_cuda.miners. Mining across ranks (torch.distributed): triplet_cuda.distributed and
+``gather_across_ranks=True``. Result types: HardMining, TripletStats. triplet_cuda.reference is
+the pure-PyTorch oracle of the tests.
 
 Importing the package loads the compiled ops: the ahead-of-time build (triplet_cuda._C) when
 it was installed, else a JIT build, cached per digest of the sources and build settings
@@ -23,7 +26,7 @@ Example:
     >>> tc.TripletLoss(margin=2.5, mining="batch_all")(embeddings, labels)
     tensor(0.4189)
 """
-from . import metrics, reference
+from . import distributed, metrics, miners, reference
 from ._loader import loaded_from
 from ._types import HardMining, TripletStats
 from .functional import (
@@ -35,12 +38,14 @@ from .functional import (
     pairwise_distance,
     semi_hard_triplet_loss,
 )
+from .memory import CrossBatchMemory
 from .modules import ContrastiveLoss, TripletLoss
 
 __version__: str = "0.1.0"
 
 __all__ = [
     "ContrastiveLoss",
+    "CrossBatchMemory",
     "HardMining",
     "TripletLoss",
     "TripletStats",
@@ -48,8 +53,10 @@ __all__ = [
     "batch_hard_mine",
     "batch_hard_triplet_loss",
     "contrastive_loss",
+    "distributed",
     "loaded_from",
     "metrics",
+    "miners",
     "mine_triplets",
     "pairwise_distance",
     "reference",

@@ -21,6 +21,7 @@ from typing import Literal, overload
 import torch
 
 from . import _validation as v
+from . import distributed as _distributed
 from ._ops import METRICS, STRATEGIES, ops, result_dtype
 from ._types import HardMining, TripletStats
 
@@ -171,18 +172,21 @@ def batch_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     soft_margin: bool = ..., reduction: BatchHardReduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[False] = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor: ...
 @overload
 def batch_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     soft_margin: bool = ..., reduction: BatchHardReduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[True],
+    gather_across_ranks: bool = ...,
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def batch_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     soft_margin: bool = ..., reduction: BatchHardReduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: bool = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -198,6 +202,7 @@ def batch_hard_triplet_loss(
     ref_labels: torch.Tensor | None = None,
     ref_self_index: int | torch.Tensor | None = None,
     return_stats: bool = False,
+    gather_across_ranks: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Batch-hard triplet loss (Hermans et al. 2017).
 
@@ -223,6 +228,9 @@ def batch_hard_triplet_loss(
             > 0), ``"sum"``, or ``"none"`` (per anchor, 0 for invalid anchors).
         return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
             of 0-d tensors, for logging.
+        gather_across_ranks: Under torch.distributed, the loss of the batch of every rank:
+            this rank's anchors mined against all ranks' embeddings, the global value on every
+            rank, gradients scaled for DistributedDataParallel (see triplet_cuda.distributed).
 
     Shapes:
         embeddings: (N, D); labels: (N,); ref_embeddings: (M, D); ref_labels: (M,); loss: () or (N,) with ``reduction="none"``.
@@ -246,6 +254,11 @@ def batch_hard_triplet_loss(
         >>> loss, stats.num_valid, stats.fraction_positive
         (tensor(0.5000), tensor(4), tensor(1., dtype=torch.float64))
     """
+    if gather_across_ranks:
+        return _distributed.loss_across_ranks(batch_hard_triplet_loss, embeddings, labels, margin, metric=metric,
+                                              soft_margin=soft_margin, reduction=reduction, return_stats=return_stats,
+                                              ref_embeddings=ref_embeddings,
+                                              ref_labels=ref_labels, ref_self_index=ref_self_index)
     code = _check_batch(embeddings, labels, metric)
     margin = v.check_margin(margin)
     v.check_choice(reduction, "reduction", BATCH_HARD_REDUCTIONS)
@@ -288,18 +301,21 @@ def batch_all_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[False] = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor: ...
 @overload
 def batch_all_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[True],
+    gather_across_ranks: bool = ...,
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def batch_all_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: bool = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -314,6 +330,7 @@ def batch_all_triplet_loss(
     ref_labels: torch.Tensor | None = None,
     ref_self_index: int | torch.Tensor | None = None,
     return_stats: bool = False,
+    gather_across_ranks: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Batch-all triplet loss: ``relu(d_ap - d_an + margin)`` over every valid (a, p, n).
 
@@ -337,6 +354,9 @@ def batch_all_triplet_loss(
             triplets) or ``"sum"``.
         return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
             of 0-d tensors, for logging.
+        gather_across_ranks: Under torch.distributed, the loss of the batch of every rank:
+            this rank's anchors mined against all ranks' embeddings, the global value on every
+            rank, gradients scaled for DistributedDataParallel (see triplet_cuda.distributed).
 
     Shapes:
         embeddings: (N, D); labels: (N,); ref_embeddings: (M, D); ref_labels: (M,); loss: ().
@@ -358,6 +378,10 @@ def batch_all_triplet_loss(
         >>> tc.batch_all_triplet_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=2.5)
         tensor(0.4189)
     """
+    if gather_across_ranks:
+        return _distributed.loss_across_ranks(batch_all_triplet_loss, embeddings, labels, margin, metric=metric, reduction=reduction,
+                                              return_stats=return_stats, ref_embeddings=ref_embeddings,
+                                              ref_labels=ref_labels, ref_self_index=ref_self_index)
     return _fused_loss("batch_all_loss", embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats, ref_embeddings, ref_labels, ref_self_index)
 
@@ -367,18 +391,21 @@ def semi_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[False] = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor: ...
 @overload
 def semi_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[True],
+    gather_across_ranks: bool = ...,
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def semi_hard_triplet_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: bool = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -393,6 +420,7 @@ def semi_hard_triplet_loss(
     ref_labels: torch.Tensor | None = None,
     ref_self_index: int | torch.Tensor | None = None,
     return_stats: bool = False,
+    gather_across_ranks: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Semi-hard triplet loss (FaceNet; TensorFlow Addons' ``TripletSemiHardLoss``).
 
@@ -416,6 +444,9 @@ def semi_hard_triplet_loss(
             ``"mean_nonzero"`` (over pairs with a loss > 0) or ``"sum"``.
         return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
             of 0-d tensors, for logging.
+        gather_across_ranks: Under torch.distributed, the loss of the batch of every rank:
+            this rank's anchors mined against all ranks' embeddings, the global value on every
+            rank, gradients scaled for DistributedDataParallel (see triplet_cuda.distributed).
 
     Shapes:
         embeddings: (N, D); labels: (N,); ref_embeddings: (M, D); ref_labels: (M,); loss: ().
@@ -437,6 +468,10 @@ def semi_hard_triplet_loss(
         >>> tc.semi_hard_triplet_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=2.5)
         tensor(0.5000)
     """
+    if gather_across_ranks:
+        return _distributed.loss_across_ranks(semi_hard_triplet_loss, embeddings, labels, margin, metric=metric, reduction=reduction,
+                                              return_stats=return_stats, ref_embeddings=ref_embeddings,
+                                              ref_labels=ref_labels, ref_self_index=ref_self_index)
     return _fused_loss("semi_hard_loss", embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats, ref_embeddings, ref_labels, ref_self_index)
 
@@ -446,18 +481,21 @@ def contrastive_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[False] = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor: ...
 @overload
 def contrastive_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: Literal[True],
+    gather_across_ranks: bool = ...,
 ) -> tuple[torch.Tensor, TripletStats]: ...
 @overload
 def contrastive_loss(
     embeddings: torch.Tensor, labels: torch.Tensor, margin: float = ..., *, metric: Metric = ...,
     reduction:     Reduction = ..., ref_embeddings: torch.Tensor | None = ..., ref_labels: torch.Tensor | None = ...,
     ref_self_index: int | torch.Tensor | None = ..., return_stats: bool = ...,
+    gather_across_ranks: bool = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]: ...
 
 
@@ -472,6 +510,7 @@ def contrastive_loss(
     ref_labels: torch.Tensor | None = None,
     ref_self_index: int | torch.Tensor | None = None,
     return_stats: bool = False,
+    gather_across_ranks: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TripletStats]:
     """Contrastive loss (Hadsell, Chopra, LeCun 2006) over all in-batch pairs.
 
@@ -497,6 +536,9 @@ def contrastive_loss(
             ``"sum"``.
         return_stats: Also return a TripletStats (num_valid, num_positive, fraction_positive)
             of 0-d tensors, for logging.
+        gather_across_ranks: Under torch.distributed, the loss of the batch of every rank:
+            this rank's anchors mined against all ranks' embeddings, the global value on every
+            rank, gradients scaled for DistributedDataParallel (see triplet_cuda.distributed).
 
     Shapes:
         embeddings: (N, D); labels: (N,); ref_embeddings: (M, D); ref_labels: (M,); loss: ().
@@ -518,6 +560,10 @@ def contrastive_loss(
         >>> tc.contrastive_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=1.0)
         tensor(0.3333)
     """
+    if gather_across_ranks:
+        return _distributed.loss_across_ranks(contrastive_loss, embeddings, labels, margin, metric=metric, reduction=reduction,
+                                              return_stats=return_stats, ref_embeddings=ref_embeddings,
+                                              ref_labels=ref_labels, ref_self_index=ref_self_index)
     return _fused_loss("contrastive_loss", embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats, ref_embeddings, ref_labels, ref_self_index)
 

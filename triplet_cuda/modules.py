@@ -63,6 +63,8 @@ class TripletLoss(torch.nn.Module):
             ``"mean_nonzero"`` for batch_all.
         return_stats: forward returns ``(loss, TripletStats)`` instead of the loss; the
             TripletStats (num_valid, num_positive, fraction_positive) are 0-d tensors to log.
+        gather_across_ranks: Under torch.distributed, the loss of every rank's batch together
+            (this rank's anchors against all ranks' embeddings; see triplet_cuda.distributed).
 
     Shapes:
         embeddings: (N, D) floating point; labels: (N,) integer; loss: (), or (N,) with
@@ -91,6 +93,7 @@ class TripletLoss(torch.nn.Module):
         soft_margin: bool = False,
         reduction: BatchHardReduction | None = None,
         return_stats: bool = False,
+        gather_across_ranks: bool = False,
     ) -> None:
         super().__init__()
         v.check_choice(mining, "mining", _MINING)
@@ -105,6 +108,7 @@ class TripletLoss(torch.nn.Module):
             v.check_choice(reduction, "reduction", _MINING[mining][2])
         self.reduction = _MINING[mining][1] if reduction is None else reduction
         self.return_stats = bool(return_stats)
+        self.gather_across_ranks = bool(gather_across_ranks)
 
     def forward(
         self,
@@ -134,12 +138,13 @@ class TripletLoss(torch.nn.Module):
         fn = _MINING[self.mining][0]
         kwargs = {"soft_margin": self.soft_margin} if self.mining == "batch_hard" else {}
         return fn(embeddings, labels, self.margin, metric=self.metric, reduction=self.reduction,
-                  return_stats=self.return_stats, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+                  return_stats=self.return_stats, gather_across_ranks=self.gather_across_ranks, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                   ref_self_index=ref_self_index, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, mining={self.mining!r}, metric={self.metric!r}, "
-                f"soft_margin={self.soft_margin}, reduction={self.reduction!r}, return_stats={self.return_stats}")
+                f"soft_margin={self.soft_margin}, reduction={self.reduction!r}, return_stats={self.return_stats}"
+                + (", gather_across_ranks=True" if self.gather_across_ranks else ""))
 
 
 class ContrastiveLoss(torch.nn.Module):
@@ -155,6 +160,8 @@ class ContrastiveLoss(torch.nn.Module):
             ``"sum"``.
         return_stats: forward returns ``(loss, TripletStats)`` instead of the loss (num_valid:
             pairs, num_positive: pairs with a loss > 0).
+        gather_across_ranks: Under torch.distributed, the loss of every rank's batch together
+            (this rank's anchors against all ranks' embeddings; see triplet_cuda.distributed).
 
     Shapes:
         embeddings: (N, D) floating point; labels: (N,) integer; loss: ().
@@ -180,6 +187,7 @@ class ContrastiveLoss(torch.nn.Module):
         metric: Metric = "euclidean",
         reduction: Reduction = "mean",
         return_stats: bool = False,
+        gather_across_ranks: bool = False,
     ) -> None:
         super().__init__()
         v.check_choice(metric, "metric", METRICS)
@@ -188,6 +196,7 @@ class ContrastiveLoss(torch.nn.Module):
         self.metric = metric
         self.reduction = reduction
         self.return_stats = bool(return_stats)
+        self.gather_across_ranks = bool(gather_across_ranks)
 
     def forward(
         self,
@@ -215,9 +224,9 @@ class ContrastiveLoss(torch.nn.Module):
             ``return_stats=True``.
         """
         return F.contrastive_loss(embeddings, labels, self.margin, metric=self.metric, reduction=self.reduction,
-                                  return_stats=self.return_stats, ref_embeddings=ref_embeddings,
+                                  return_stats=self.return_stats, gather_across_ranks=self.gather_across_ranks, ref_embeddings=ref_embeddings,
                                   ref_labels=ref_labels, ref_self_index=ref_self_index)
 
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, metric={self.metric!r}, reduction={self.reduction!r}, "
-                f"return_stats={self.return_stats}")
+                f"return_stats={self.return_stats}" + (", gather_across_ranks=True" if self.gather_across_ranks else ""))
