@@ -144,6 +144,15 @@ class CrossBatchMemory(torch.nn.Module):
         self.position = (self.position + k) % self.memory_size
         self.filled = min(self.filled + k, self.memory_size)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # The ring keeps the checkpoint's dtype: copying a float64 ring into this module's
+        # (default float32) buffer would round the stored rows, and the resumed stream would
+        # differ from the uninterrupted one.
+        saved = state_dict.get(prefix + "embedding_memory")
+        if isinstance(saved, torch.Tensor) and saved.is_floating_point() and saved.dtype != self.embedding_memory.dtype:
+            self.embedding_memory = self.embedding_memory.to(dtype=saved.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def get_extra_state(self) -> dict[str, int]:
         return {"filled": self.filled, "position": self.position}
 
