@@ -212,6 +212,41 @@ def test_all_triplets_miner_equals_pml(metric, margin):
     assert 0 < len(rows(ours)) < 37 ** 3
 
 
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("margin", [None, 0.3])
+def test_reference_set_miners_equal_pml_ref_emb(metric, margin):
+    """pml's miner(embeddings, labels, ref_emb, ref_labels): anchors from the batch, positives and
+    negatives from the reference set, nothing excluded; our indices point into the reference set."""
+    pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+    x, labels = make_batch(9, 5, 3, seed=21)
+    ref, ref_labels = make_batch(40, 5, 4, seed=22)  # label 3 is absent from the batch
+    ours = tc.miners.BatchHardMiner(metric=metric)(x, labels, ref, ref_labels)
+    theirs = pml_miners.BatchHardMiner(distance=pml_distance(metric))(x, labels, ref, ref_labels)
+    assert len(rows(ours)) > 0 and rows(ours) == rows(theirs)
+    ours = tc.miners.AllTripletsMiner(margin=margin, metric=metric)(x, labels, ref, ref_labels)
+    if margin is None:
+        lmu = pytest.importorskip("pytorch_metric_learning.utils.loss_and_miner_utils")
+        theirs = lmu.get_all_triplets_indices(labels, ref_labels)
+    else:
+        theirs = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets="all",
+                                               distance=pml_distance(metric))(x, labels, ref, ref_labels)
+    assert len(rows(ours)) > 0 and rows(ours) == rows(theirs)
+
+
+@pytest.mark.parametrize("strategy, cls", [("batch_hard", tc.miners.BatchHardMiner),
+                                           ("semi_hard", tc.miners.SemiHardMiner),
+                                           ("batch_all", tc.miners.AllTripletsMiner)])
+def test_reference_set_miners_with_self_index_match_the_reference(strategy, cls):
+    x, labels = make_batch(9, 5, 3, seed=23)
+    mem, mem_labels = make_batch(20, 5, 4, seed=24)
+    ref, ref_labels = torch.cat([x, mem]), torch.cat([labels, mem_labels])  # the batch first: self index 0
+    got = cls()(x, labels, ref, ref_labels, ref_self_index=0)
+    want = R.mine_triplets(x, labels, strategy, ref_embeddings=ref, ref_labels=ref_labels, ref_self_index=0)
+    assert len(rows(got)) > 0 and rows(got) == rows(want)
+    a, p, _ = got
+    assert not (p == a).any()  # never its own positive
+
+
 # ----------------------------------------------------------------------------- API
 def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="metric"):
