@@ -10,22 +10,6 @@ import triplet_cuda as tc
 import triplet_cuda.reference as R
 from triplet_cuda._ops import ops
 
-@pytest.fixture(autouse=True)
-def _cpu_only(request):
-    """The *_ref ops have CPU kernels only so far (their CUDA kernels are open work, issue 12)."""
-    if "device" in request.fixturenames and request.getfixturevalue("device") == "cuda":
-        pytest.skip("the *_ref ops have no CUDA kernels yet (issue 12)")
-
-
-def test_cuda_reference_set_is_a_clear_error():
-    if not torch.cuda.is_available():
-        pytest.skip("needs_cuda")
-    x = torch.zeros(3, 2, device="cuda")
-    with pytest.raises(NotImplementedError, match="CPU only so far"):
-        tc.contrastive_loss(x, torch.zeros(3, dtype=torch.long, device="cuda"), ref_embeddings=x,
-                            ref_labels=torch.zeros(3, dtype=torch.long, device="cuda"))
-
-
 LOSSES = ("batch_hard_triplet_loss", "batch_all_triplet_loss", "semi_hard_triplet_loss", "contrastive_loss")
 REDUCTIONS = {"batch_hard_triplet_loss": ("mean", "sum", "mean_nonzero", "none")}
 
@@ -280,9 +264,10 @@ def test_small_blocks(monkeypatch):
             assert_close(a, b, torch.float64, name)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("n,m", [(0, 5), (4, 0), (0, 0)])
-def test_empty_sets(n, m):
-    x, y, r, rl = _set(n, m, 3, 2, 2, seed=13, device="cpu")
+def test_empty_sets(device, n, m):
+    x, y, r, rl = _set(n, m, 3, 2, 2, seed=13, device=device)
     for name in LOSSES:
         loss = getattr(tc, name)(x, y, ref_embeddings=r, ref_labels=rl)
         assert loss.item() == 0.0
@@ -292,8 +277,9 @@ def test_empty_sets(n, m):
         assert all(t.numel() == 0 for t in tc.mine_triplets(x, y, strategy=strategy, ref_embeddings=r, ref_labels=rl))
 
 
-def test_nan_in_reference_set_gives_nan():
-    x, y, r, rl = _set(5, 12, 3, 2, 2, seed=14, device="cpu", grad=False)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_nan_in_reference_set_gives_nan(device):
+    x, y, r, rl = _set(5, 12, 3, 2, 2, seed=14, device=device, grad=False)
     r[4, 1] = float("nan")
     for name in LOSSES:
         assert torch.isnan(getattr(tc, name)(x, y, ref_embeddings=r, ref_labels=rl)), name
