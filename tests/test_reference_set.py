@@ -337,3 +337,27 @@ def test_direct_op_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="neg_idx must hold indices in"):
         ops.batch_hard_mine_ref_backward(torch.zeros(3), torch.zeros(3), x, r, torch.zeros(3),
                                          torch.full((3,), -1), torch.zeros(3), torch.tensor([0, 9, 1]), 0, True)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs_cuda: torch.cuda.is_available() is False")
+def test_cuda_many_anchor_chunks_match_cpu():
+    # M = 40000 reference rows in float64: the CUDA loss driver's (rows, M) workspace of about
+    # 256 MiB then holds fewer rows than the 700 anchors (batch all ~83 rows, semi hard ~152,
+    # contrastive ~419), so anchor chunks at i0 > 0 run, each adding to grad_ref. The CPU kernels
+    # (tested against reference.py above; its N x M x M oracle does not fit here) are the oracle.
+    x, y, r, rl = _set(700, 40000, 8, 100, 100, seed=15, device="cpu")
+    si = torch.randperm(40000, generator=torch.Generator().manual_seed(16))[:700]
+    si[::5] = -1
+    for name in LOSSES[1:]:
+        kw = dict(ref_labels=rl, ref_self_index=si)
+        want = getattr(tc, name)(x, y, 0.3, reduction="sum", ref_embeddings=r, **kw)
+        g_want = torch.autograd.grad(want, (x, r))
+        xc, rc = x.detach().cuda().requires_grad_(), r.detach().cuda().requires_grad_()
+        got = getattr(tc, name)(xc, y.cuda(), 0.3, reduction="sum", ref_embeddings=rc,
+                                ref_labels=rl.cuda(), ref_self_index=si.cuda())
+        g_got = torch.autograd.grad(got, (xc, rc))
+        assert_close(got.cpu(), want, torch.float64, name)
+        for g, w, what in zip(g_got, g_want, ("embeddings", "ref")):
+            # sums of many terms of both signs: an absolute tolerance on the gradient's scale
+            assert_close(g.cpu(), w, torch.float64, f"{name} grad {what}", atol=1e-9 * max(1.0, w.abs().max().item()))
