@@ -38,6 +38,7 @@ Kernels and the cases that launch them:
 | contrastive_rows_kernel (contrastive.cu) | contrastive forward / backward |
 | inverse_permutation_kernel, sort_keys_kernel, finalize_loss_kernel, scale_grad_kernel (loss_common.cuh) | batch all, semi hard, contrastive |
 | batch_all_counts_kernel, batch_all_fill_kernel (mine_triplets.cu) | mine_triplets batch_all |
+| all of the above over a reference set (RowLabels with candidate labels and a self index; hard_backward_kernel's anchor-only and partner-only forms) | test_sanitize_reference_set_* (the *_ref ops) |
 
 Not covered here: the multi-chunk path of the loss ops (anchor chunks at i0 > 0), which
 starts only past N ~ 2000 (chunk_rows in loss_common.cuh keeps a 256 MiB workspace).
@@ -245,3 +246,93 @@ def test_sanitize_mine_triplets(strategy, dtype, d, metric, device=DEVICE):
             full, full_want = torch.full((N,), -1), torch.full((N,), -1)
             full[got[0]], full_want[want[0]] = got[k], want[k]
             check_hard_choice(full, labels, dist, full_want, metric, dtype, positive, msg)
+
+
+# Query vs reference set (the *_ref ops): 67 anchors that are reference rows 130 .. 196 of
+# M_REF = 270 (ragged candidate tiles, several candidate splits), a self index tensor naming
+# them except every fourth anchor (-1: that anchor's own row is then an ordinary candidate, a
+# positive at distance 0). Euclidean metrics only (quantized rows: exact choices, see the
+# module docstring); both dtypes; every op forward and backward, both gradients; each mining
+# strategy. Covers the same kernels as above run over RowLabels with a separate candidate set
+# (hard_backward_kernel's anchor-only and partner-only forms included).
+REF_CASES = [pytest.param(dt, d, metric, id=f"{str(dt).split('.')[-1]}-D{d}-{metric}")
+             for (dt, d), metric in zip(CONFIGS, ("euclidean", "squared_euclidean"))]
+REF_FIRST, REF_N = 130, 67
+
+
+def sanitize_reference_set(d, dtype, metric, seed):
+    ref0, ref_labels = sanitize_batch(d, dtype, metric, seed=seed)
+    x0 = ref0[REF_FIRST:REF_FIRST + REF_N].clone()
+    labels = ref_labels[REF_FIRST:REF_FIRST + REF_N].clone()
+    labels[:4] = 10**12 + 1  # anchors whose label the reference set lacks: no positive
+    self_index = torch.arange(REF_FIRST, REF_FIRST + REF_N)
+    self_index[::4] = -1
+    return x0, labels, ref0, ref_labels, self_index
+
+
+@pytest.mark.parametrize("dtype,d,metric", REF_CASES)
+def test_sanitize_reference_set_batch_hard(dtype, d, metric, device=DEVICE):
+    x0, labels, r0, rl, si = sanitize_reference_set(d, dtype, metric, seed=12)
+    x, r = x0.clone().to(device).requires_grad_(), r0.clone().to(device).requires_grad_()
+    kw = dict(ref_labels=rl.to(device), ref_self_index=si.to(device), metric=metric)
+    kw_ref = dict(ref_labels=rl, ref_self_index=si, metric=metric)
+    msg = f"batch_hard ref {metric} {dtype} D={d}"
+    m = tc.batch_hard_mine(x.detach(), labels.to(device), ref_embeddings=r.detach(), **kw)
+    want = R.batch_hard_mine(x0.double(), labels, ref_embeddings=r0.double(), **kw_ref)
+    pi, ni = m.pos_idx.cpu(), m.neg_idx.cpu()
+    assert torch.equal(pi, want.pos_idx) and torch.equal(ni, want.neg_idx), msg
+    assert_close(m.pos_dist, want.pos_dist, dtype, msg=msg + " pos_dist")
+    assert_close(m.neg_dist, want.neg_dist, dtype, msg=msg + " neg_dist")
+    out = tc.batch_hard_triplet_loss(x, labels.to(device), MARGIN["batch_hard"], reduction="sum",
+                                     ref_embeddings=r, **kw)
+    xr, rr = x0.double().requires_grad_(), r0.double().requires_grad_()
+    ref = R.batch_hard_triplet_loss(xr, labels, MARGIN["batch_hard"], reduction="sum", ref_embeddings=rr,
+                                    **kw_ref)
+    check_value(out, ref, dtype, "batch_hard", msg)
+    out.backward()
+    ref.backward()
+    check_grad(x.grad, xr.grad, dtype, "batch_hard", msg + " grad embeddings")
+    check_grad(r.grad, rr.grad, dtype, "batch_hard", msg + " grad ref")
+
+
+@pytest.mark.parametrize("name", ["batch_all", "semi_hard", "contrastive"])
+@pytest.mark.parametrize("dtype,d,metric", REF_CASES)
+def test_sanitize_reference_set_loss(name, dtype, d, metric, device=DEVICE):
+    fn = {"batch_all": tc.batch_all_triplet_loss, "semi_hard": tc.semi_hard_triplet_loss,
+          "contrastive": tc.contrastive_loss}[name]
+    ref_fn = {"batch_all": R.batch_all_triplet_loss, "semi_hard": R.semi_hard_triplet_loss,
+              "contrastive": R.contrastive_loss}[name]
+    x0, labels, r0, rl, si = sanitize_reference_set(d, dtype, metric, seed=13 + list(MARGIN).index(name))
+    x, r = x0.clone().to(device).requires_grad_(), r0.clone().to(device).requires_grad_()
+    kw = dict(ref_labels=rl.to(device), ref_self_index=si.to(device), metric=metric)
+    kw_ref = dict(ref_labels=rl, ref_self_index=si, metric=metric)
+    msg = f"{name} ref {metric} {dtype} D={d}"
+    out, stats = fn(x, labels.to(device), MARGIN[name], reduction="sum", return_stats=True, ref_embeddings=r, **kw)
+    xr, rr = x0.double().requires_grad_(), r0.double().requires_grad_()
+    ref, ref_stats = ref_fn(xr, labels, MARGIN[name], reduction="sum", return_stats=True, ref_embeddings=rr,
+                            **kw_ref)
+    check_value(out, ref, dtype, name, msg)
+    assert stats.num_valid.item() == ref_stats.num_valid.item(), msg
+    slack = 1 if dtype == torch.float32 else max(1, ref_stats.num_valid.item() // 50)
+    assert abs(stats.num_positive.item() - ref_stats.num_positive.item()) <= slack, msg
+    out.backward()
+    ref.backward()
+    check_grad(x.grad, xr.grad, dtype, name, msg + " grad embeddings")
+    check_grad(r.grad, rr.grad, dtype, name, msg + " grad ref")
+    # a detached reference set: the backward ops' ref_grad=False path
+    x.grad = None
+    fn(x, labels.to(device), MARGIN[name], reduction="sum", ref_embeddings=r.detach(), **kw).backward()
+    check_grad(x.grad, xr.grad, dtype, name, msg + " grad embeddings (detached ref)")
+
+
+@pytest.mark.parametrize("strategy", ["batch_hard", "batch_all", "semi_hard"])
+@pytest.mark.parametrize("dtype,d,metric", REF_CASES)
+def test_sanitize_reference_set_mine_triplets(strategy, dtype, d, metric, device=DEVICE):
+    x0, labels, r0, rl, si = sanitize_reference_set(d, dtype, metric, seed=17)
+    got = tc.mine_triplets(x0.to(device), labels.to(device), strategy=strategy, metric=metric,
+                           ref_embeddings=r0.to(device), ref_labels=rl.to(device), ref_self_index=si.to(device))
+    want = R.mine_triplets(x0.double(), labels, strategy, metric, ref_embeddings=r0.double(), ref_labels=rl,
+                           ref_self_index=si)
+    msg = f"mine_triplets ref {strategy} {metric} {dtype} D={d}"
+    for g, w, what in zip(got, want, ("anchor", "positive", "negative")):
+        assert g.dtype == torch.int64 and torch.equal(g.cpu(), w), f"{msg}: {what} indices differ"

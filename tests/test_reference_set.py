@@ -10,22 +10,6 @@ import triplet_cuda as tc
 import triplet_cuda.reference as R
 from triplet_cuda._ops import ops
 
-@pytest.fixture(autouse=True)
-def _cpu_only(request):
-    """The *_ref ops have CPU kernels only so far (their CUDA kernels are open work, issue 12)."""
-    if "device" in request.fixturenames and request.getfixturevalue("device") == "cuda":
-        pytest.skip("the *_ref ops have no CUDA kernels yet (issue 12)")
-
-
-def test_cuda_reference_set_is_a_clear_error():
-    if not torch.cuda.is_available():
-        pytest.skip("needs_cuda")
-    x = torch.zeros(3, 2, device="cuda")
-    with pytest.raises(NotImplementedError, match="CPU only so far"):
-        tc.contrastive_loss(x, torch.zeros(3, dtype=torch.long, device="cuda"), ref_embeddings=x,
-                            ref_labels=torch.zeros(3, dtype=torch.long, device="cuda"))
-
-
 LOSSES = ("batch_hard_triplet_loss", "batch_all_triplet_loss", "semi_hard_triplet_loss", "contrastive_loss")
 REDUCTIONS = {"batch_hard_triplet_loss": ("mean", "sum", "mean_nonzero", "none")}
 
@@ -280,9 +264,10 @@ def test_small_blocks(monkeypatch):
             assert_close(a, b, torch.float64, name)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("n,m", [(0, 5), (4, 0), (0, 0)])
-def test_empty_sets(n, m):
-    x, y, r, rl = _set(n, m, 3, 2, 2, seed=13, device="cpu")
+def test_empty_sets(device, n, m):
+    x, y, r, rl = _set(n, m, 3, 2, 2, seed=13, device=device)
     for name in LOSSES:
         loss = getattr(tc, name)(x, y, ref_embeddings=r, ref_labels=rl)
         assert loss.item() == 0.0
@@ -292,8 +277,9 @@ def test_empty_sets(n, m):
         assert all(t.numel() == 0 for t in tc.mine_triplets(x, y, strategy=strategy, ref_embeddings=r, ref_labels=rl))
 
 
-def test_nan_in_reference_set_gives_nan():
-    x, y, r, rl = _set(5, 12, 3, 2, 2, seed=14, device="cpu", grad=False)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_nan_in_reference_set_gives_nan(device):
+    x, y, r, rl = _set(5, 12, 3, 2, 2, seed=14, device=device, grad=False)
     r[4, 1] = float("nan")
     for name in LOSSES:
         assert torch.isnan(getattr(tc, name)(x, y, ref_embeddings=r, ref_labels=rl)), name
@@ -351,3 +337,27 @@ def test_direct_op_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="neg_idx must hold indices in"):
         ops.batch_hard_mine_ref_backward(torch.zeros(3), torch.zeros(3), x, r, torch.zeros(3),
                                          torch.full((3,), -1), torch.zeros(3), torch.tensor([0, 9, 1]), 0, True)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs_cuda: torch.cuda.is_available() is False")
+def test_cuda_many_anchor_chunks_match_cpu():
+    # M = 40000 reference rows in float64: the CUDA loss driver's (rows, M) workspace of about
+    # 256 MiB then holds fewer rows than the 700 anchors (batch all ~83 rows, semi hard ~152,
+    # contrastive ~419), so anchor chunks at i0 > 0 run, each adding to grad_ref. The CPU kernels
+    # (tested against reference.py above; its N x M x M oracle does not fit here) are the oracle.
+    x, y, r, rl = _set(700, 40000, 8, 100, 100, seed=15, device="cpu")
+    si = torch.randperm(40000, generator=torch.Generator().manual_seed(16))[:700]
+    si[::5] = -1
+    for name in LOSSES[1:]:
+        kw = dict(ref_labels=rl, ref_self_index=si)
+        want = getattr(tc, name)(x, y, 0.3, reduction="sum", ref_embeddings=r, **kw)
+        g_want = torch.autograd.grad(want, (x, r))
+        xc, rc = x.detach().cuda().requires_grad_(), r.detach().cuda().requires_grad_()
+        got = getattr(tc, name)(xc, y.cuda(), 0.3, reduction="sum", ref_embeddings=rc,
+                                ref_labels=rl.cuda(), ref_self_index=si.cuda())
+        g_got = torch.autograd.grad(got, (xc, rc))
+        assert_close(got.cpu(), want, torch.float64, name)
+        for g, w, what in zip(g_got, g_want, ("embeddings", "ref")):
+            # sums of many terms of both signs: an absolute tolerance on the gradient's scale
+            assert_close(g.cpu(), w, torch.float64, f"{name} grad {what}", atol=1e-9 * max(1.0, w.abs().max().item()))

@@ -133,10 +133,6 @@ def check_reference_set(embeddings, labels, ref_embeddings, ref_labels, ref_self
         raise ValueError(f"ref_embeddings and ref_labels go together: {given} was given, {missing} is missing")
     check_embeddings(ref_embeddings, "ref_embeddings")
     check_same_device(embeddings, ref_embeddings, "embeddings", "ref_embeddings")
-    if embeddings.device.type != "cpu":
-        raise NotImplementedError(
-            f"triplet_cuda: a reference set (ref_embeddings) is implemented on CPU only so far; the CUDA kernels "
-            f"of the *_ref ops are not written yet (issue 12), got embeddings on {embeddings.device}")
     if ref_embeddings.dtype != embeddings.dtype:
         raise TypeError(f"ref_embeddings must have the dtype of embeddings ({embeddings.dtype}), "
                         f"got {ref_embeddings.dtype}")

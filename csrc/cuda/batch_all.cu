@@ -1,7 +1,8 @@
 // Batch-all triplet loss on CUDA without the N x N x N tensor.
 //
 // Anchors are processed in row chunks (loss_common.cuh): distances of the chunk's rows to
-// all N rows go to an (R, N) acc_t workspace; per anchor row, the negatives' distances are
+// all C candidate rows (the batch itself, C = N, or a reference set for batch_all_loss_ref)
+// go to an (R, C) acc_t workspace; per anchor row, the negatives' distances are
 // sorted ascending (keys +inf for non-negatives, one segmented at::sort per chunk), and in
 // the backward also the positives'. For a positive p the active negatives
 // (d_ap - d_an + margin > 0, evaluated exactly like that in acc_t) are a prefix of the
@@ -14,11 +15,11 @@
 // deterministic. The backward writes the dense per-row weights
 //   W[a, p] = #{n active with p},  W[a, n] = -#{p active with n}
 // (exact small integers in acc_t; each entry owned by one thread) and differentiates
-// through the distances with pair_grad.cuh. O(R * N) memory per chunk.
+// through the distances with pair_grad.cuh. O(R * C) memory per chunk.
 //
 // NaN rule (csrc/epilogue.h; as BatchAllRows in csrc/cpu/batch_all.cpp): an anchor with at
 // least one positive and one negative whose distance row holds a NaN gets a NaN loss sum
-// (valid count P * Q unchanged, positive count 0) and NaN weights on every j != a; its
+// (valid count P * Q unchanged, positive count 0) and NaN weights on every j != self; its
 // sorted keys are not searched (NaN sorts after the +inf keys, see loss_common.cuh).
 #include <torch/library.h>
 
@@ -64,13 +65,13 @@ __global__ void __launch_bounds__(kRowThreads)
 //   sn: the row's sorted keys of negatives (first Q entries are its negatives' distances);
 //   cn: float64 inclusive prefix sums of sn (forward only);
 //   sp: sorted keys of positives (first P entries; backward only).
+// Rows of C = l.cols candidates (row stride C).
 // Forward: writes loss_rows[a], valid_rows[a], pos_rows[a]. Backward: writes Wc[row, :].
 template <typename acc_t, bool kBackward>
 __global__ void __launch_bounds__(kRowThreads)
     batch_all_rows_kernel(const acc_t* __restrict__ Dc, const acc_t* __restrict__ Sn,
                           const double* __restrict__ Cn, const acc_t* __restrict__ Sp,
-                          const int64_t* __restrict__ labels,
-                          const int64_t* __restrict__ sorted_labels, int64_t N, int64_t i0,
+                          RowLabels l, const int64_t* __restrict__ sorted_labels, int64_t i0,
                           acc_t margin, double* __restrict__ loss_rows,
                           int64_t* __restrict__ valid_rows, int64_t* __restrict__ pos_rows,
                           acc_t* __restrict__ Wc) {
@@ -78,25 +79,24 @@ __global__ void __launch_bounds__(kRowThreads)
   __shared__ int64_t si[kWarp];
   const int64_t row = blockIdx.x;
   const int64_t a = i0 + row;
-  const int64_t la = labels[a];
-  int64_t gs, ge;
-  group_bounds(sorted_labels, N, la, gs, ge);
-  const int64_t P = ge - gs - 1;  // positives of a
-  const int64_t Q = N - (ge - gs);  // negatives of a
-  const acc_t* __restrict__ d_row = Dc + row * N;
-  const acc_t* __restrict__ sn = Sn + row * N;
-  const bool row_nan = block_row_has_nan(d_row, N);  // every thread: a barrier
+  const int64_t C = l.cols;
+  const AnchorGroup g = anchor_group(l, sorted_labels, a);
+  const int64_t P = g.P;  // positives of a
+  const int64_t Q = g.Q;  // negatives of a
+  const acc_t* __restrict__ d_row = Dc + row * C;
+  const acc_t* __restrict__ sn = Sn + row * C;
+  const bool row_nan = block_row_has_nan(d_row, C);  // every thread: a barrier
   const bool nan_terms = row_nan && P > 0 && Q > 0;
 
   double loss = 0;
   int64_t active = 0;
-  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
     acc_t w = 0;
     if (nan_terms) {
-      if constexpr (kBackward) w = j != a ? epi::quiet_nan<acc_t>() : acc_t(0);
-    } else if (j != a) {
+      if constexpr (kBackward) w = j != g.self ? epi::quiet_nan<acc_t>() : acc_t(0);
+    } else if (j != g.self || l.cand[j] != g.la) {
       const acc_t d = d_row[j];
-      if (labels[j] == la) {  // positive: active negatives are a prefix of sn
+      if (l.cand[j] == g.la) {  // positive: active negatives are a prefix of sn
         if (Q > 0) {
           const int64_t c =
               partition_point(Q, [&](int64_t t) { return d - sn[t] + margin > acc_t(0); });
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kRowThreads)
             w = static_cast<acc_t>(c);
           } else {
             if (c > 0) {
-              const double* __restrict__ cn = Cn + row * N;
+              const double* __restrict__ cn = Cn + row * C;
               loss += static_cast<double>(c) *
                           (static_cast<double>(d) + static_cast<double>(margin)) -
                       cn[c - 1];
@@ -114,14 +114,14 @@ __global__ void __launch_bounds__(kRowThreads)
         }
       } else if constexpr (kBackward) {  // negative: active positives are a suffix of sp
         if (P > 0) {
-          const acc_t* __restrict__ sp = Sp + row * N;
+          const acc_t* __restrict__ sp = Sp + row * C;
           const int64_t first_active =
               partition_point(P, [&](int64_t t) { return !(sp[t] - d + margin > acc_t(0)); });
           w = -static_cast<acc_t>(P - first_active);
         }
       }
     }
-    if constexpr (kBackward) Wc[row * N + j] = w;
+    if constexpr (kBackward) Wc[row * C + j] = w;
   }
   if constexpr (!kBackward) {
     loss = block_sum(loss, sd);
@@ -151,41 +151,40 @@ struct BatchAllLoss {
   template <typename acc_t>
   static void forward(const LossChunk& c, const RowResults& rows) {
     const acc_t m = static_cast<acc_t>(c.margin);
-    const int64_t r = c.r, N = c.N;
-    const at::Tensor keys = at::empty({r, N}, c.Dc.options());
-    launch_sort_keys<acc_t>(c.Dc, c.labels, c.i0, r, keys.data_ptr<acc_t>(), nullptr, c.stream);
+    const int64_t r = c.r, C = c.cols;
+    const at::Tensor keys = at::empty({r, C}, c.Dc.options());
+    launch_sort_keys<acc_t>(c.Dc, c.lab, c.i0, r, keys.data_ptr<acc_t>(), nullptr, c.stream);
     const at::Tensor sn =
         std::get<0>(at::sort(keys, /*stable=*/true, /*dim=*/1, /*descending=*/false))
             .contiguous();
-    const at::Tensor cn = at::empty({r, N}, sn.options().dtype(at::kDouble));
+    const at::Tensor cn = at::empty({r, C}, sn.options().dtype(at::kDouble));
     row_prefix_sums_kernel<acc_t><<<grid_1d(r), kRowThreads, 0, c.stream>>>(
-        sn.data_ptr<acc_t>(), N, cn.data_ptr<double>());
+        sn.data_ptr<acc_t>(), C, cn.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     batch_all_rows_kernel<acc_t, false><<<grid_1d(r), kRowThreads, 0, c.stream>>>(
-        c.Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), cn.data_ptr<double>(), nullptr,
-        c.labels.data_ptr<int64_t>(), c.groups.sorted.data_ptr<int64_t>(), N, c.i0, m,
-        rows.loss.data_ptr<double>(), rows.valid.data_ptr<int64_t>(),
-        rows.positive.data_ptr<int64_t>(), nullptr);
+        c.Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), cn.data_ptr<double>(), nullptr, c.lab,
+        c.groups.sorted.data_ptr<int64_t>(), c.i0, m, rows.loss.data_ptr<double>(),
+        rows.valid.data_ptr<int64_t>(), rows.positive.data_ptr<int64_t>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   template <typename acc_t>
   static at::Tensor weights(const LossChunk& c) {
     const acc_t m = static_cast<acc_t>(c.margin);
-    const int64_t r = c.r, N = c.N;
+    const int64_t r = c.r, C = c.cols;
     // keys[0]: negatives, keys[1]: positives; one segmented sort of 2r rows.
-    const at::Tensor keys = at::empty({2, r, N}, c.Dc.options());
+    const at::Tensor keys = at::empty({2, r, C}, c.Dc.options());
     acc_t* kp = keys.data_ptr<acc_t>();
-    launch_sort_keys<acc_t>(c.Dc, c.labels, c.i0, r, kp, kp + r * N, c.stream);
+    launch_sort_keys<acc_t>(c.Dc, c.lab, c.i0, r, kp, kp + r * C, c.stream);
     const at::Tensor sorted =
-        std::get<0>(at::sort(keys.view({2 * r, N}), /*stable=*/true, /*dim=*/1,
+        std::get<0>(at::sort(keys.view({2 * r, C}), /*stable=*/true, /*dim=*/1,
                              /*descending=*/false))
             .contiguous();
     const acc_t* sp_all = sorted.data_ptr<acc_t>();
-    at::Tensor Wc = at::empty({r, N}, c.Dc.options());
+    at::Tensor Wc = at::empty({r, C}, c.Dc.options());
     batch_all_rows_kernel<acc_t, true><<<grid_1d(r), kRowThreads, 0, c.stream>>>(
-        c.Dc.data_ptr<acc_t>(), sp_all, nullptr, sp_all + r * N, c.labels.data_ptr<int64_t>(),
-        c.groups.sorted.data_ptr<int64_t>(), N, c.i0, m, nullptr, nullptr, nullptr,
+        c.Dc.data_ptr<acc_t>(), sp_all, nullptr, sp_all + r * C, c.lab,
+        c.groups.sorted.data_ptr<int64_t>(), c.i0, m, nullptr, nullptr, nullptr,
         Wc.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return Wc;
@@ -197,6 +196,8 @@ struct BatchAllLoss {
 TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
   m.impl("batch_all_loss", &loss_forward_cuda<BatchAllLoss>);
   m.impl("batch_all_loss_backward", &loss_backward_cuda<BatchAllLoss>);
+  m.impl("batch_all_loss_ref", &loss_ref_forward_cuda<BatchAllLoss>);
+  m.impl("batch_all_loss_ref_backward", &loss_ref_backward_cuda<BatchAllLoss>);
 }
 
 }  // namespace cuda

@@ -9,7 +9,8 @@
 // and differentiates through the distances with pair_grad.cuh. O(R * N) memory per chunk.
 // The terms and weights are the shared epilogue's (epi::contrastive_term / weight in
 // csrc/epilogue.h, as the CPU): a NaN distance gives a NaN term and weight (not counted as
-// positive).
+// positive). With a reference set (contrastive_loss_ref) the same kernel sums the ordered
+// pairs (a, j), j != self_index[a], of the anchor rows against the reference rows.
 #include <torch/library.h>
 
 #include "loss_common.cuh"
@@ -18,25 +19,28 @@ namespace triplet_cuda {
 namespace cuda {
 namespace {
 
-// One block per row i = i0 + blockIdx.x of the chunk.
-// Forward: loss_rows[i], valid_rows[i] = N - 1 - i, pos_rows[i]. Backward: Wc[row, :].
+// One block per row i = i0 + blockIdx.x of the chunk, against N = l.cols candidates: pairs
+// j > i (the batch itself, valid_rows[i] = N - 1 - i) or j != self (a reference set).
+// Forward: loss_rows[i], valid_rows[i], pos_rows[i]. Backward: Wc[row, :].
 template <typename acc_t, bool kBackward>
 __global__ void __launch_bounds__(kRowThreads)
-    contrastive_rows_kernel(const acc_t* __restrict__ Dc, const int64_t* __restrict__ labels,
-                            int64_t N, int64_t i0, acc_t margin, double* __restrict__ loss_rows,
+    contrastive_rows_kernel(const acc_t* __restrict__ Dc, RowLabels l, int64_t i0, acc_t margin,
+                            double* __restrict__ loss_rows,
                             int64_t* __restrict__ valid_rows, int64_t* __restrict__ pos_rows,
                             acc_t* __restrict__ Wc) {
   __shared__ double sd[kWarp];
   __shared__ int64_t si[kWarp];
   const int64_t row = blockIdx.x;
   const int64_t i = i0 + row;
-  const int64_t li = labels[i];
+  const int64_t N = l.cols, self = l.self_of(i);
+  const int64_t* __restrict__ labels = l.cand;
+  const int64_t li = l.anchor[i];
   const acc_t* __restrict__ d_row = Dc + row * N;
   double loss = 0;
   int64_t active = 0;
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
     acc_t w = 0;
-    if (j > i) {
+    if (l.symmetric() ? j > i : j != self) {
       const acc_t d = d_row[j];
       const bool same = labels[j] == li;
       const acc_t term = epi::contrastive_term(same, d, margin);
@@ -51,7 +55,7 @@ __global__ void __launch_bounds__(kRowThreads)
     active = block_sum(active, si);
     if (threadIdx.x == 0) {
       loss_rows[i] = loss;
-      valid_rows[i] = N - 1 - i;
+      valid_rows[i] = l.symmetric() ? N - 1 - i : N - (self >= 0 && self < N ? 1 : 0);
       pos_rows[i] = active;
     }
   }
@@ -74,19 +78,18 @@ struct ContrastiveLoss {
   static void forward(const LossChunk& c, const RowResults& rows) {
     const acc_t m = static_cast<acc_t>(c.margin);
     contrastive_rows_kernel<acc_t, false><<<grid_1d(c.r), kRowThreads, 0, c.stream>>>(
-        c.Dc.data_ptr<acc_t>(), c.labels.data_ptr<int64_t>(), c.N, c.i0, m,
-        rows.loss.data_ptr<double>(), rows.valid.data_ptr<int64_t>(),
-        rows.positive.data_ptr<int64_t>(), nullptr);
+        c.Dc.data_ptr<acc_t>(), c.lab, c.i0, m, rows.loss.data_ptr<double>(),
+        rows.valid.data_ptr<int64_t>(), rows.positive.data_ptr<int64_t>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   template <typename acc_t>
   static at::Tensor weights(const LossChunk& c) {
     const acc_t m = static_cast<acc_t>(c.margin);
-    at::Tensor Wc = at::empty({c.r, c.N}, c.Dc.options());
+    at::Tensor Wc = at::empty({c.r, c.cols}, c.Dc.options());
     contrastive_rows_kernel<acc_t, true><<<grid_1d(c.r), kRowThreads, 0, c.stream>>>(
-        c.Dc.data_ptr<acc_t>(), c.labels.data_ptr<int64_t>(), c.N, c.i0, m, nullptr,
-        nullptr, nullptr, Wc.data_ptr<acc_t>());
+        c.Dc.data_ptr<acc_t>(), c.lab, c.i0, m, nullptr, nullptr, nullptr,
+        Wc.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return Wc;
   }
@@ -97,6 +100,8 @@ struct ContrastiveLoss {
 TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
   m.impl("contrastive_loss", &loss_forward_cuda<ContrastiveLoss>);
   m.impl("contrastive_loss_backward", &loss_backward_cuda<ContrastiveLoss>);
+  m.impl("contrastive_loss_ref", &loss_ref_forward_cuda<ContrastiveLoss>);
+  m.impl("contrastive_loss_ref_backward", &loss_ref_backward_cuda<ContrastiveLoss>);
 }
 
 }  // namespace cuda

@@ -1,10 +1,16 @@
 // Pieces shared by the loss ops (batch all, semi hard, contrastive) and mine_triplets:
-//   * label groups (labels sorted stably) for positive / negative counts and enumeration,
-//   * the row-chunk driver: distances of `R` anchor rows against all N rows in a (R, N)
-//     acc_t workspace (O(R * N) memory, R chosen to bound it), one chunk at a time,
+//   * RowLabels: anchor labels, candidate labels and self index, so that every row kernel
+//     serves the batch against itself and anchors against a reference set (the *_ref ops)
+//     alike (the CUDA counterpart of csrc/cpu/loss.h's RowLabels),
+//   * label groups (candidate labels sorted stably) for positive / negative counts and
+//     enumeration,
+//   * the row-chunk driver: distances of `R` anchor rows against all C candidate rows in a
+//     (R, C) acc_t workspace (O(R * C) memory, R chosen to bound it), one chunk at a time,
+//     never the N x C matrix,
 //   * the deterministic reduction of per-row loss results into the three 0-d outputs,
 //   * the dense backward of a chunk through pair_grad.cuh and the final scaling,
-//   * the generic loss entry points loss_forward_cuda / loss_backward_cuda (the CUDA
+//   * the generic loss entry points loss_forward_cuda / loss_backward_cuda and their
+//     query-vs-reference forms loss_ref_forward_cuda / loss_ref_backward_cuda (the CUDA
 //     counterpart of csrc/cpu/loss.h): each loss .cu file only supplies its row kernels.
 // The per-element rules (distances, NaN, ties, loss terms) are the shared epilogue's
 // (csrc/epilogue.h), as on the CPU.
@@ -12,6 +18,7 @@
 
 #include "distance.cuh"
 #include "pair_grad.cuh"
+#include "row_labels.cuh"
 
 namespace triplet_cuda {
 namespace cuda {
@@ -20,7 +27,7 @@ constexpr int kRowThreads = 256;  // block size of the per-anchor-row kernels
 
 // ------------------------------------------------------------------------ label groups
 
-// Labels sorted stably: equal labels are contiguous, ascending index inside a group.
+// Candidate labels sorted stably: equal labels are contiguous, ascending index inside a group.
 struct LabelGroups {
   at::Tensor sorted;  // (N) int64 labels, ascending
   at::Tensor order;   // (N) int64: order[q] = index of the q-th label in sorted order
@@ -59,6 +66,27 @@ __device__ __forceinline__ void group_bounds(const int64_t* __restrict__ sorted,
   ge = partition_point(N, [&](int64_t t) { return sorted[t] <= label; });
 }
 
+// Anchor a's label group among the candidates: positions [gs, ge) of its label in the
+// sorted candidate labels; whether its self index is a candidate of its label (then not a
+// positive), and P positives, Q negatives.
+struct AnchorGroup {
+  int64_t la, self, gs, ge, P, Q;
+  bool self_in;
+};
+
+__device__ __forceinline__ AnchorGroup anchor_group(const RowLabels& l,
+                                                    const int64_t* __restrict__ sorted,
+                                                    int64_t a) {
+  AnchorGroup g;
+  g.la = l.anchor[a];
+  g.self = l.self_of(a);
+  group_bounds(sorted, l.cols, g.la, g.gs, g.ge);
+  g.self_in = g.self >= 0 && g.self < l.cols && l.cand[g.self] == g.la;
+  g.P = g.ge - g.gs - (g.self_in ? 1 : 0);
+  g.Q = l.cols - (g.ge - g.gs);
+  return g;
+}
+
 // counts: (N,) int64 (N > 0) -> (exclusive offsets (N,) int64, total). Synchronises with
 // the device to read the total (it sizes the caller's outputs).
 inline std::tuple<at::Tensor, int64_t> exclusive_offsets(const at::Tensor& counts) {
@@ -70,27 +98,29 @@ inline std::tuple<at::Tensor, int64_t> exclusive_offsets(const at::Tensor& count
 
 // ------------------------------------------------------------------------ chunk driver
 
-// Rows per chunk so that one (R, N) slab of `bytes_per_elem` bytes per element (all the
-// per-chunk workspaces together) stays near 256 MiB.
-inline int64_t chunk_rows(int64_t N, int64_t bytes_per_elem) {
+// Rows per chunk of N anchor rows against `cols` candidates so that one (R, cols) slab of
+// `bytes_per_elem` bytes per element (all the per-chunk workspaces together) stays near
+// 256 MiB.
+inline int64_t chunk_rows(int64_t N, int64_t cols, int64_t bytes_per_elem) {
   const int64_t budget = int64_t(256) << 20;
-  const int64_t r = budget / std::max<int64_t>(1, bytes_per_elem * N);
+  const int64_t r = budget / std::max<int64_t>(1, bytes_per_elem * std::max<int64_t>(1, cols));
   return std::max<int64_t>(1, std::min<int64_t>(N, r));
 }
 
-// Calls fn(i0, r, Dc) for consecutive chunks of anchor rows [i0, i0 + r), Dc a (R, N) acc_t
-// tensor whose first r rows hold d(x_{i0 + row}, x_j) (Gram form). Chunks run in order on
-// the current stream.
+// Calls fn(i0, r, Dc) for consecutive chunks of anchor rows [i0, i0 + r) of x (N, D), Dc a
+// (R, C) acc_t tensor whose first r rows hold d(x_{i0 + row}, y_j) (Gram form) for the C
+// candidate rows of y (C, D) (y may be x). Chunks run in order on the current stream.
 template <typename scalar_t, typename acc_t, Metric M, typename Fn>
-void for_each_distance_chunk(const at::Tensor& x, RowStats<acc_t> st, int64_t R,
-                             cudaStream_t stream, Fn&& fn) {
-  const int64_t N = x.size(0), D = x.size(1);
-  at::Tensor Dc = at::empty({R, N}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+void for_each_distance_chunk(const at::Tensor& x, RowStats<acc_t> sx, const at::Tensor& y,
+                             RowStats<acc_t> sy, int64_t R, cudaStream_t stream, Fn&& fn) {
+  const int64_t N = x.size(0), C = y.size(0), D = x.size(1);
+  at::Tensor Dc = at::empty({R, C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* yp = y.data_ptr<scalar_t>();
   for (int64_t i0 = 0; i0 < N; i0 += R) {
     const int64_t r = std::min(R, N - i0);
-    launch_distance<scalar_t, acc_t, acc_t, M>(xp + i0 * D, st.shifted(i0), r, xp, st, N, D,
-                                               Dc.data_ptr<acc_t>(), N, stream);
+    launch_distance<scalar_t, acc_t, acc_t, M>(xp + i0 * D, sx.shifted(i0), r, yp, sy, C, D,
+                                               Dc.data_ptr<acc_t>(), C, stream);
     fn(i0, r, Dc);
   }
 }
@@ -105,57 +135,60 @@ __device__ __forceinline__ bool block_row_has_nan(const acc_t* __restrict__ row,
   return __syncthreads_or(local) != 0;
 }
 
-// Sort keys of a chunk (e = row * N + j, anchor a = i0 + row, Dc row stride N):
+// Sort keys of a chunk (e = row * C + j, anchor a = i0 + row, Dc row stride C = l.cols):
 //   neg_keys[e] = d(a, j) if labels differ, else +inf (negatives first once sorted);
-//   pos_keys[e] = d(a, j) if labels match and j != a, else +inf (skipped when null).
+//   pos_keys[e] = d(a, j) if labels match and j != self_of(a), else +inf (skipped when null).
 // at::sort places NaN keys last, which is defined; but a NaN negative then sorts after the
 // +inf keys of the non-negatives, so the searches over the first Q sorted keys are only
 // meaningful for NaN-free rows: the row kernels check block_row_has_nan first and never
 // use the sorted keys of a row holding NaN.
 template <typename acc_t>
-__global__ void sort_keys_kernel(const acc_t* __restrict__ Dc, const int64_t* __restrict__ labels,
-                                 int64_t N, int64_t i0, int64_t r, acc_t* __restrict__ neg_keys,
+__global__ void sort_keys_kernel(const acc_t* __restrict__ Dc, RowLabels l, int64_t i0,
+                                 int64_t r, acc_t* __restrict__ neg_keys,
                                  acc_t* __restrict__ pos_keys) {
-  const int64_t n = r * N;
+  const int64_t C = l.cols;
+  const int64_t n = r * C;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
        e += stride) {
-    const int64_t a = i0 + e / N, j = e % N;
-    const bool same = labels[j] == labels[a];
+    const int64_t a = i0 + e / C, j = e % C;
+    const bool same = l.cand[j] == l.anchor[a];
     const acc_t d = Dc[e];
     neg_keys[e] = same ? acc_inf<acc_t>() : d;
-    if (pos_keys != nullptr) pos_keys[e] = (same && j != a) ? d : acc_inf<acc_t>();
+    if (pos_keys != nullptr) pos_keys[e] = (same && j != l.self_of(a)) ? d : acc_inf<acc_t>();
   }
 }
 
 template <typename acc_t>
-void launch_sort_keys(const at::Tensor& Dc, const at::Tensor& labels, int64_t i0, int64_t r,
+void launch_sort_keys(const at::Tensor& Dc, const RowLabels& l, int64_t i0, int64_t r,
                       acc_t* neg_keys, acc_t* pos_keys, cudaStream_t stream) {
-  const int64_t N = Dc.size(1);
-  if (r * N == 0) return;
-  sort_keys_kernel<acc_t><<<elementwise_grid(r * N), kElementwiseThreads, 0, stream>>>(
-      Dc.data_ptr<acc_t>(), labels.data_ptr<int64_t>(), N, i0, r, neg_keys, pos_keys);
+  if (r * l.cols == 0) return;
+  sort_keys_kernel<acc_t><<<elementwise_grid(r * l.cols), kElementwiseThreads, 0, stream>>>(
+      Dc.data_ptr<acc_t>(), l, i0, r, neg_keys, pos_keys);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Adds to G (N, D) acc_t the gradient of sum_{row < r, j} Wc[row, j] d(x_{i0 + row}, x_j):
-// both the anchor-row side and the column side (x is both operands).
+// Adds to Gx (N, D) acc_t the anchor-row side and, when Gy is not null, to Gy (C, D) acc_t
+// the candidate side of the gradient of sum_{row < r, j} Wc[row, j] d(x_{i0 + row}, y_j)
+// (Wc, Dc: (R, C)). The batch against itself passes y = x and Gy = Gx.
 template <typename scalar_t, typename acc_t, Metric M>
 void add_chunk_grad(const at::Tensor& Wc, const at::Tensor& Dc, const at::Tensor& x,
-                    RowStats<acc_t> st, int64_t i0, int64_t r, at::Tensor& G,
-                    cudaStream_t stream) {
-  const int64_t N = x.size(0), D = x.size(1);
+                    RowStats<acc_t> sx, const at::Tensor& y, RowStats<acc_t> sy, int64_t i0,
+                    int64_t r, at::Tensor& Gx, at::Tensor* Gy, cudaStream_t stream) {
+  const int64_t C = y.size(0), D = x.size(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  acc_t* gp = G.data_ptr<acc_t>();
+  const scalar_t* yp = y.data_ptr<scalar_t>();
   const acc_t* W = Wc.data_ptr<acc_t>();
   const acc_t* Dm = Dc.data_ptr<acc_t>();
-  const auto acc_options = G.options();
+  const auto acc_options = Gx.options();
   launch_pair_grad<scalar_t, acc_t, acc_t, M, false, acc_t>(
-      W, Dm, N, xp + i0 * D, st.shifted(i0), r, xp, st, N, D, gp + i0 * D,
+      W, Dm, C, xp + i0 * D, sx.shifted(i0), r, yp, sy, C, D, Gx.data_ptr<acc_t>() + i0 * D,
       /*accumulate=*/true, acc_options, stream);
-  launch_pair_grad<scalar_t, acc_t, acc_t, M, true, acc_t>(
-      W, Dm, N, xp + i0 * D, st.shifted(i0), r, xp, st, N, D, gp, /*accumulate=*/true,
-      acc_options, stream);
+  if (Gy != nullptr) {
+    launch_pair_grad<scalar_t, acc_t, acc_t, M, true, acc_t>(
+        W, Dm, C, xp + i0 * D, sx.shifted(i0), r, yp, sy, C, D, Gy->data_ptr<acc_t>(),
+        /*accumulate=*/true, acc_options, stream);
+  }
 }
 
 // ------------------------------------------------------------------------ loss outputs
@@ -272,10 +305,10 @@ at::Tensor finish_grad(const at::Tensor& G, const at::Tensor& gls, const at::Ten
 
 // One chunk of anchor rows as a loss policy sees it (see loss_forward_cuda).
 struct LossChunk {
-  const at::Tensor& Dc;       // (R, N) acc_t: rows [0, r) hold d(x_{i0 + row}, x_j)
-  int64_t i0, r, N;           // anchors i0 .. i0 + r - 1 of N
-  const at::Tensor& labels;   // (N) int64 contiguous
-  const LabelGroups& groups;  // computed only when the policy's kLabelGroups is true
+  const at::Tensor& Dc;       // (R, cols) acc_t: rows [0, r) hold d(anchor i0 + row, cand j)
+  int64_t i0, r, cols;        // anchors i0 .. i0 + r - 1, against lab.cols candidates
+  RowLabels lab;              // anchor labels, candidate labels, self index
+  const LabelGroups& groups;  // of the candidate labels; only when the policy's kLabelGroups
   double margin;              // the op's margin; kernels take static_cast<acc_t>(margin)
   cudaStream_t stream;
 };
@@ -287,10 +320,86 @@ struct LossChunk {
 //   template <typename acc_t> static void forward(const LossChunk&, const RowResults&);
 //       // writes rows.loss / valid / positive [i0, i0 + r)
 //   template <typename acc_t> static at::Tensor weights(const LossChunk&);
-//       // (r, N) acc_t: d(row i0 + row's loss share) / d d(x_{i0 + row}, x_j)
+//       // (r, cols) acc_t: d(row i0 + row's loss share) / d d(anchor i0 + row, cand j)
 // The driver checks the arguments, sets the device, runs the rows over distance chunks on
 // the current stream, reduces the rows in a fixed order, and for the backward turns the
-// weights into the embedding gradient (pair_grad.cuh), scaled by grad_loss_sum.
+// weights into the embedding gradient (pair_grad.cuh), scaled by grad_loss_sum. The batch
+// ops run it with the batch as the candidates (y = x, RowLabels self == nullptr), the *_ref
+// ops with the reference set: the same row kernels serve both.
+
+// x (N, D) anchors with labels lab (N) against the candidates y (C, D) (y may be x) with
+// row labels l; all contiguous on the current device, N > 0.
+template <typename Policy>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_loss_forward(const at::Tensor& x,
+                                                                const at::Tensor& y,
+                                                                const at::Tensor& cand_labels,
+                                                                const RowLabels& l, double margin,
+                                                                int64_t metric) {
+  const int64_t N = x.size(0), C = y.size(0);
+  const bool same_set = l.symmetric();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups =
+      Policy::kLabelGroups ? label_groups(cand_labels, stream) : LabelGroups{};
+  const RowResults rows = make_row_results(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  Policy::kForwardName, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const at::Tensor stats_y = same_set ? stats_x : compute_row_stats<scalar_t, acc_t>(y, stream);
+    const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
+    const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
+    const int64_t R = chunk_rows(N, C, Policy::template bytes_per_elem<acc_t>());
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      for_each_distance_chunk<scalar_t, acc_t, kM>(
+          x, sx, y, sy, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
+            Policy::template forward<acc_t>(LossChunk{Dc, i0, r, C, l, groups, margin, stream},
+                                            rows);
+          });
+    });
+  });
+  return finalize_loss(rows, x, stream);
+}
+
+// As run_loss_forward; gls the 0-d acc-dtype grad_loss_sum on the device; N, C, D > 0.
+// -> (grad_x (N, D) in the dtype of x, grad_y (C, D) or an undefined tensor when !y_grad).
+// The batch itself (same_set) gets both sides in grad_x.
+template <typename Policy>
+std::tuple<at::Tensor, at::Tensor> run_loss_backward(const at::Tensor& gls, const at::Tensor& x,
+                                                     const at::Tensor& y,
+                                                     const at::Tensor& cand_labels,
+                                                     const RowLabels& l, double margin,
+                                                     int64_t metric, bool y_grad) {
+  const int64_t N = x.size(0), C = y.size(0), D = x.size(1);
+  const bool same_set = l.symmetric();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups =
+      Policy::kLabelGroups ? label_groups(cand_labels, stream) : LabelGroups{};
+  at::Tensor grad_x, grad_y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  Policy::kBackwardName, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const at::Tensor stats_y = same_set ? stats_x : compute_row_stats<scalar_t, acc_t>(y, stream);
+    const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
+    const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
+    const int64_t R = chunk_rows(N, C, Policy::template bytes_per_elem<acc_t>());
+    at::Tensor Gx = at::zeros({N, D}, acc_options);
+    at::Tensor Gy = (!same_set && y_grad) ? at::zeros({C, D}, acc_options) : at::Tensor();
+    at::Tensor* gy = same_set ? &Gx : (y_grad ? &Gy : nullptr);
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      for_each_distance_chunk<scalar_t, acc_t, kM>(
+          x, sx, y, sy, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
+            const at::Tensor Wc = Policy::template weights<acc_t>(
+                LossChunk{Dc, i0, r, C, l, groups, margin, stream});
+            add_chunk_grad<scalar_t, acc_t, kM>(Wc, Dc, x, sx, y, sy, i0, r, Gx, gy, stream);
+          });
+    });
+    grad_x = finish_grad<scalar_t, acc_t>(Gx, gls, x, stream);
+    if (Gy.defined()) grad_y = finish_grad<scalar_t, acc_t>(Gy, gls, y, stream);
+  });
+  return {grad_x, grad_y};
+}
 
 // embeddings: (N, D), labels: (N,) any integer dtype, margin, metric
 //   -> (loss_sum 0-d acc dtype, num_valid 0-d int64, num_positive 0-d int64).
@@ -301,26 +410,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tenso
   const at::Tensor lab = check_batch_cuda(embeddings, labels, metric);
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const at::Tensor x = embeddings.contiguous();
-  const int64_t N = x.size(0);
-  if (N == 0) return empty_loss(x);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const LabelGroups groups = Policy::kLabelGroups ? label_groups(lab, stream) : LabelGroups{};
-  const RowResults rows = make_row_results(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  Policy::kForwardName, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
-    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
-    const int64_t R = chunk_rows(N, Policy::template bytes_per_elem<acc_t>());
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      for_each_distance_chunk<scalar_t, acc_t, kM>(
-          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
-            Policy::template forward<acc_t>(LossChunk{Dc, i0, r, N, lab, groups, margin, stream},
-                                            rows);
-          });
-    });
-  });
-  return finalize_loss(rows, x, stream);
+  if (x.size(0) == 0) return empty_loss(x);
+  return run_loss_forward<Policy>(x, x, lab, batch_row_labels(lab), margin, metric);
 }
 
 // grad_loss_sum: 0-d; embeddings (N, D), labels (N,), margin, metric (the forward's inputs)
@@ -334,28 +425,69 @@ at::Tensor loss_backward_cuda(const at::Tensor& grad_loss_sum, const at::Tensor&
   const at::Tensor gls = check_grad_loss_sum(grad_loss_sum, x);
   const int64_t N = x.size(0), D = x.size(1);
   if (N == 0 || D == 0) return at::zeros({N, D}, x.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const LabelGroups groups = Policy::kLabelGroups ? label_groups(lab, stream) : LabelGroups{};
-  at::Tensor result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  Policy::kBackwardName, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
-    const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
-    const int64_t R = chunk_rows(N, Policy::template bytes_per_elem<acc_t>());
-    at::Tensor G = at::zeros({N, D}, acc_options);
-    TC_METRIC_SWITCH(metric, kM, [&] {
-      for_each_distance_chunk<scalar_t, acc_t, kM>(
-          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
-            const at::Tensor Wc = Policy::template weights<acc_t>(
-                LossChunk{Dc, i0, r, N, lab, groups, margin, stream});
-            add_chunk_grad<scalar_t, acc_t, kM>(Wc, Dc, x, st, i0, r, G, stream);
-          });
-    });
-    result = finish_grad<scalar_t, acc_t>(G, gls, x, stream);
-  });
-  return result;
+  return std::get<0>(run_loss_backward<Policy>(gls, x, x, lab, batch_row_labels(lab), margin,
+                                               metric, /*y_grad=*/false));
+}
+
+// The checked inputs of a query-vs-reference op: labels, ref_labels, self_index as contiguous
+// int64 (call under a CUDAGuard of the embeddings' device; contiguous() may copy), x and y the
+// contiguous embeddings and reference set.
+struct RefInputsCuda {
+  at::Tensor x, lab, y, ref_lab, self;
+};
+
+inline RefInputsCuda ref_inputs_cuda(const at::Tensor& embeddings, const at::Tensor& labels,
+                                     const at::Tensor& ref, const at::Tensor& ref_labels,
+                                     const at::Tensor& self_index, int64_t metric) {
+  RefInputsCuda in;
+  in.lab = check_batch_cuda(embeddings, labels, metric);
+  std::tie(in.ref_lab, in.self) = check_ref_args(embeddings, ref, ref_labels, self_index);
+  in.x = embeddings.contiguous();
+  in.y = ref.contiguous();
+  return in;
+}
+
+// Checks the device of a query-vs-reference op's embeddings before its CUDAGuard is set.
+inline const at::Tensor& ref_op_device(const at::Tensor& embeddings) {
+  TC_CHECK_EMBEDDINGS(embeddings, "embeddings");
+  TC_CHECK_DEVICE_TYPE(embeddings, "embeddings", c10::kCUDA);
+  return embeddings;
+}
+
+// Query vs reference: embeddings (N, D), labels (N,) anchors; ref (M, D), ref_labels (M,)
+// candidates; self_index (N,) int64 (-1: none; values are compared, not range-checked here:
+// that would sync) -> (loss_sum, num_valid, num_positive) as loss_forward_cuda.
+template <typename Policy>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_ref_forward_cuda(
+    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,
+    const at::Tensor& ref_labels, const at::Tensor& self_index, double margin, int64_t metric) {
+  const c10::cuda::CUDAGuard guard(ref_op_device(embeddings).device());
+  const RefInputsCuda in = ref_inputs_cuda(embeddings, labels, ref, ref_labels, self_index, metric);
+  if (in.x.size(0) == 0 || in.y.size(0) == 0) return empty_loss(in.x);
+  return run_loss_forward<Policy>(in.x, in.y, in.ref_lab,
+                                  ref_row_labels(in.lab, in.ref_lab, in.self), margin, metric);
+}
+
+// grad_loss_sum: 0-d -> (grad_embeddings (N, D), grad_ref (M, D), or an empty (0,) tensor when
+// ref_grad is false: then no work is spent on it).
+template <typename Policy>
+std::tuple<at::Tensor, at::Tensor> loss_ref_backward_cuda(
+    const at::Tensor& grad_loss_sum, const at::Tensor& embeddings, const at::Tensor& labels,
+    const at::Tensor& ref, const at::Tensor& ref_labels, const at::Tensor& self_index,
+    double margin, int64_t metric, bool ref_grad) {
+  const c10::cuda::CUDAGuard guard(ref_op_device(embeddings).device());
+  const RefInputsCuda in = ref_inputs_cuda(embeddings, labels, ref, ref_labels, self_index, metric);
+  const at::Tensor gls = check_grad_loss_sum(grad_loss_sum, in.x);
+  const int64_t N = in.x.size(0), Mr = in.y.size(0), D = in.x.size(1);
+  const at::Tensor empty_ref = at::empty({0}, in.y.options());
+  if (N == 0 || Mr == 0 || D == 0) {
+    return {at::zeros({N, D}, in.x.options()),
+            ref_grad ? at::zeros({Mr, D}, in.y.options()) : empty_ref};
+  }
+  auto [gx, gy] = run_loss_backward<Policy>(gls, in.x, in.y, in.ref_lab,
+                                            ref_row_labels(in.lab, in.ref_lab, in.self), margin,
+                                            metric, ref_grad);
+  return {gx, ref_grad ? gy : empty_ref};
 }
 
 }  // namespace cuda
