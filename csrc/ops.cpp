@@ -63,6 +63,11 @@ TORCH_LIBRARY(triplet_cuda, m) {
   m.def(
       "contrastive_loss_backward(Tensor grad_loss_sum, Tensor embeddings, Tensor labels,"
       " float margin, int metric) -> Tensor");
+  // The forward when a gradient will be wanted: also grad_sum (N, D), accumulation dtype, the
+  // gradient of loss_sum, computed in the same pass (the backward is then g * grad_sum).
+  m.def(
+      "contrastive_loss_with_grad(Tensor embeddings, Tensor labels, float margin, int metric)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
 
   // Index triplets (anchor, positive, negative), each (T,) int64, for a strategy:
   // 0 batch_hard, 1 batch_all, 2 semi_hard. T depends on the data.

@@ -435,8 +435,16 @@ def contrastive_loss(
         >>> tc.contrastive_loss(embeddings, torch.tensor([0, 0, 1, 1]), margin=1.0)
         tensor(0.3333)
     """
-    return _fused_loss(ops.contrastive_loss, embeddings, labels, margin, metric, reduction, REDUCTIONS,
+    return _fused_loss(_contrastive_op, embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats)
+
+
+def _contrastive_op(embeddings, labels, margin, code):
+    # When a gradient will be wanted, the forward computes it in the same pass (the backward is
+    # then a scaling): 1.5 GEMMs of N x N x D instead of 2. Without one it stays a forward.
+    if torch.is_grad_enabled() and embeddings.requires_grad:
+        return ops.contrastive_loss_with_grad(embeddings, labels, margin, code)[:3]
+    return ops.contrastive_loss(embeddings, labels, margin, code)
 
 
 def mine_triplets(

@@ -18,6 +18,7 @@ TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) {
   m.impl("semi_hard_loss_backward", &semi_hard_backward);
   m.impl("contrastive_loss", &contrastive_forward);
   m.impl("contrastive_loss_backward", &contrastive_backward);
+  m.impl("contrastive_loss_with_grad", &contrastive_with_grad);
   m.impl("mine_triplets", &mine_triplets_cpu);
   m.impl("knn", &knn_cpu);
 }

@@ -10,6 +10,7 @@
 // The terms and weights are the shared epilogue's (epi::contrastive_term / weight in
 // csrc/epilogue.h, as the CPU): a NaN distance gives a NaN term and weight (not counted as
 // positive).
+#include <ATen/ops/ones.h>
 #include <torch/library.h>
 
 #include "loss_common.cuh"
@@ -92,11 +93,25 @@ struct ContrastiveLoss {
   }
 };
 
+// The forward plus the gradient of loss_sum (grad_sum, accumulation dtype). On CUDA this is
+// still the forward followed by the recomputing backward with g = 1; the CPU computes both in
+// one upper-triangle pass (csrc/cpu/contrastive.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_with_grad_cuda(
+    const at::Tensor& embeddings, const at::Tensor& labels, double margin, int64_t metric) {
+  auto [loss_sum, num_valid, num_positive] =
+      loss_forward_cuda<ContrastiveLoss>(embeddings, labels, margin, metric);
+  const at::Tensor one = at::ones(at::IntArrayRef{}, loss_sum.options());
+  const at::Tensor grad =
+      loss_backward_cuda<ContrastiveLoss>(one, embeddings, labels, margin, metric);
+  return {loss_sum, num_valid, num_positive, grad.to(loss_sum.scalar_type())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
   m.impl("contrastive_loss", &loss_forward_cuda<ContrastiveLoss>);
   m.impl("contrastive_loss_backward", &loss_backward_cuda<ContrastiveLoss>);
+  m.impl("contrastive_loss_with_grad", &contrastive_with_grad_cuda);
 }
 
 }  // namespace cuda
