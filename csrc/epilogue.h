@@ -272,6 +272,17 @@ struct HadsellTerms {  // d^2 and relu(margin - d)^2
   }
 };
 
+template <typename T>
+struct HingeTerms {  // relu(d - pos_margin) and relu(neg_margin - d): pytorch-metric-learning's
+  T pos_margin, neg_margin;
+  TC_HOST_DEVICE inline T term(bool same, T d) const {
+    return same ? relu(d - pos_margin) : relu(neg_margin - d);
+  }
+  TC_HOST_DEVICE inline T weight(bool same, T d) const {
+    return same ? relu_grad(d - pos_margin) : -relu_grad(neg_margin - d);
+  }
+};
+
 // ------------------------------------------------------------------------ distance gradient
 
 // Gradient of g * d(a, b) in linear form: d/da = ca * a + cab * b, d/db = cab * a + cb * b.

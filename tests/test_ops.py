@@ -22,6 +22,8 @@ ALL_OPS = [
     "contrastive_loss",
     "contrastive_loss_backward",
     "contrastive_loss_with_grad",
+    "contrastive_hinge_loss",
+    "contrastive_hinge_loss_backward",
     "mine_triplets",
 ]
 LOSS_OPS = ["batch_all_loss", "semi_hard_loss", "contrastive_loss"]
@@ -70,6 +72,11 @@ def sample_args(name, dtype, device, requires_grad, metric, layout="contiguous",
         return (gp, gn, xd, pos_dist, pos_idx, neg_dist, neg_idx, metric)
     if name in LOSS_OPS or name == "contrastive_loss_with_grad":
         return (x, labels, 0.3, metric)
+    if name == "contrastive_hinge_loss":
+        return (x, labels, 0.1, 0.9, metric)
+    if name == "contrastive_hinge_loss_backward":
+        gp = torch.tensor(1.5, dtype=_acc(dtype), device=device)
+        return (gp, -0.5 * gp, x.detach(), labels, 0.1, 0.9, metric)
     if name.endswith("_loss_backward"):
         g = torch.tensor(1.5, dtype=_acc(dtype), device=device)
         return (g, x.detach(), labels, 0.3, metric)

@@ -33,15 +33,17 @@ from .functional import (
     contrastive_loss,
     mine_triplets,
     pairwise_distance,
+    pml_contrastive_loss,
     semi_hard_triplet_loss,
 )
-from .modules import ContrastiveLoss, TripletLoss
+from .modules import ContrastiveLoss, PMLContrastiveLoss, TripletLoss
 
 __version__: str = "0.1.0"
 
 __all__ = [
     "ContrastiveLoss",
     "HardMining",
+    "PMLContrastiveLoss",
     "TripletLoss",
     "TripletStats",
     "batch_all_triplet_loss",
@@ -52,6 +54,7 @@ __all__ = [
     "metrics",
     "mine_triplets",
     "pairwise_distance",
+    "pml_contrastive_loss",
     "reference",
     "semi_hard_triplet_loss",
 ]

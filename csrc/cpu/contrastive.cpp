@@ -194,6 +194,7 @@ std::pair<Totals, at::Tensor> run(const at::Tensor& embeddings, const at::Tensor
   const Prepared p = prepare(embeddings, static_cast<Metric>(metric));
   Totals total;
   at::Tensor grad = kGrad ? at::zeros_like(p.e) : at::Tensor();
+  if (p.rows() < 2) return {total, grad};  // no pair: a 0 gradient, not 0 * NaN via the GEMMs
   AT_DISPATCH_FLOATING_TYPES(p.e.scalar_type(), "contrastive", [&] {
     TC_METRIC_SWITCH(metric, kM, [&] {
       total = contrastive_pass<scalar_t, kM, kGrad>(p, lab.data_ptr<int64_t>(),
@@ -244,6 +245,34 @@ at::Tensor contrastive_backward(const at::Tensor& grad_loss_sum, const at::Tenso
                                 const at::Tensor& labels, double margin, int64_t metric) {
   const double g = grad_value(grad_loss_sum, "grad_loss_sum");
   return run<true>(embeddings, labels, metric, hadsell(margin), g, g)
+      .second.to(embeddings.scalar_type());
+}
+
+namespace {
+
+auto hinge(double pos_margin, double neg_margin) {
+  return [pos_margin, neg_margin](auto zero) {
+    using T = decltype(zero);
+    return epi::HingeTerms<T>{static_cast<T>(pos_margin), static_cast<T>(neg_margin)};
+  };
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_hinge_forward(
+    const at::Tensor& embeddings, const at::Tensor& labels, double pos_margin, double neg_margin,
+    int64_t metric) {
+  const Totals t = run<false>(embeddings, labels, metric, hinge(pos_margin, neg_margin)).first;
+  return {acc_scalar(t.pos_sum, embeddings), long_scalar(t.pos_nonzero, embeddings),
+          acc_scalar(t.neg_sum, embeddings), long_scalar(t.neg_nonzero, embeddings)};
+}
+
+at::Tensor contrastive_hinge_backward(const at::Tensor& grad_pos_sum, const at::Tensor& grad_neg_sum,
+                                      const at::Tensor& embeddings, const at::Tensor& labels,
+                                      double pos_margin, double neg_margin, int64_t metric) {
+  const double gp = grad_value(grad_pos_sum, "grad_pos_sum");
+  const double gn = grad_value(grad_neg_sum, "grad_neg_sum");
+  return run<true>(embeddings, labels, metric, hinge(pos_margin, neg_margin), gp, gn)
       .second.to(embeddings.scalar_type());
 }
 

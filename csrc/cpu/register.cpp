@@ -19,6 +19,8 @@ TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) {
   m.impl("contrastive_loss", &contrastive_forward);
   m.impl("contrastive_loss_backward", &contrastive_backward);
   m.impl("contrastive_loss_with_grad", &contrastive_with_grad);
+  m.impl("contrastive_hinge_loss", &contrastive_hinge_forward);
+  m.impl("contrastive_hinge_loss_backward", &contrastive_hinge_backward);
   m.impl("mine_triplets", &mine_triplets_cpu);
   m.impl("knn", &knn_cpu);
 }
