@@ -260,6 +260,29 @@ TC_HOST_DEVICE inline T contrastive_weight(bool same, T d, T margin) {
   return same ? T(2) * d : T(-2) * relu(margin - d);
 }
 
+// A contrastive form: the term of a pair at distance d and d term / d d, for a pair of the same
+// label (positive) or not (negative). Backends take the form as a template argument (a
+// compile-time switch, no runtime branch in the pair loop).
+template <typename T>
+struct HadsellTerms {  // d^2 and relu(margin - d)^2
+  T margin;
+  TC_HOST_DEVICE inline T term(bool same, T d) const { return contrastive_term(same, d, margin); }
+  TC_HOST_DEVICE inline T weight(bool same, T d) const {
+    return contrastive_weight(same, d, margin);
+  }
+};
+
+template <typename T>
+struct HingeTerms {  // relu(d - pos_margin) and relu(neg_margin - d): pytorch-metric-learning's
+  T pos_margin, neg_margin;
+  TC_HOST_DEVICE inline T term(bool same, T d) const {
+    return same ? relu(d - pos_margin) : relu(neg_margin - d);
+  }
+  TC_HOST_DEVICE inline T weight(bool same, T d) const {
+    return same ? relu_grad(d - pos_margin) : -relu_grad(neg_margin - d);
+  }
+};
+
 // ------------------------------------------------------------------------ distance gradient
 
 // Gradient of g * d(a, b) in linear form: d/da = ca * a + cab * b, d/db = cab * a + cb * b.

@@ -63,6 +63,22 @@ TORCH_LIBRARY(triplet_cuda, m) {
   m.def(
       "contrastive_loss_backward(Tensor grad_loss_sum, Tensor embeddings, Tensor labels,"
       " float margin, int metric) -> Tensor");
+  // The forward when a gradient will be wanted: also grad_sum (N, D), accumulation dtype, the
+  // gradient of loss_sum, computed in the same pass (the backward is then g * grad_sum).
+  m.def(
+      "contrastive_loss_with_grad(Tensor embeddings, Tensor labels, float margin, int metric)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  // The hinge form (pytorch-metric-learning's ContrastiveLoss) over pairs i < j:
+  // relu(d - pos_margin) for the same label, relu(neg_margin - d) otherwise, the two parts
+  // apart -> (pos_sum, pos_nonzero, neg_sum, neg_nonzero) (sums 0-d accumulation dtype,
+  // counts of terms > 0 0-d int64). Backward: grad_pos_sum, grad_neg_sum (0-d) -> grad (N, D).
+  m.def(
+      "contrastive_hinge_loss(Tensor embeddings, Tensor labels, float pos_margin,"
+      " float neg_margin, int metric) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "contrastive_hinge_loss_backward(Tensor grad_pos_sum, Tensor grad_neg_sum,"
+      " Tensor embeddings, Tensor labels, float pos_margin, float neg_margin, int metric)"
+      " -> Tensor");
 
   // Index triplets (anchor, positive, negative), each (T,) int64, for a strategy:
   // 0 batch_hard, 1 batch_all, 2 semi_hard. T depends on the data.

@@ -21,6 +21,9 @@ ALL_OPS = [
     "semi_hard_loss_backward",
     "contrastive_loss",
     "contrastive_loss_backward",
+    "contrastive_loss_with_grad",
+    "contrastive_hinge_loss",
+    "contrastive_hinge_loss_backward",
     "mine_triplets",
 ]
 LOSS_OPS = ["batch_all_loss", "semi_hard_loss", "contrastive_loss"]
@@ -67,8 +70,13 @@ def sample_args(name, dtype, device, requires_grad, metric, layout="contiguous",
         gp = torch.randn(n, dtype=torch.float64).to(device=device, dtype=dtype)
         gn = torch.randn(n, dtype=torch.float64).to(device=device, dtype=dtype)
         return (gp, gn, xd, pos_dist, pos_idx, neg_dist, neg_idx, metric)
-    if name in LOSS_OPS:
+    if name in LOSS_OPS or name == "contrastive_loss_with_grad":
         return (x, labels, 0.3, metric)
+    if name == "contrastive_hinge_loss":
+        return (x, labels, 0.1, 0.9, metric)
+    if name == "contrastive_hinge_loss_backward":
+        gp = torch.tensor(1.5, dtype=_acc(dtype), device=device)
+        return (gp, -0.5 * gp, x.detach(), labels, 0.1, 0.9, metric)
     if name.endswith("_loss_backward"):
         g = torch.tensor(1.5, dtype=_acc(dtype), device=device)
         return (g, x.detach(), labels, 0.3, metric)
@@ -131,6 +139,8 @@ def test_op_output_metadata(device, dtype):
         assert nv.dtype == npos.dtype == torch.int64 and nv.dim() == npos.dim() == 0, name
         gb = getattr(ops, name + "_backward")(torch.tensor(1.0, dtype=acc, device=device), x, labels, 0.2, 0)
         assert gb.shape == x.shape and gb.dtype == dtype, name
+    s, nv, npos, gs = ops.contrastive_loss_with_grad(x, labels, 0.2, 0)
+    assert s.dtype == acc and nv.dtype == npos.dtype == torch.int64 and gs.shape == x.shape and gs.dtype == acc
     for strategy in (0, 1, 2):
         a, p, n = ops.mine_triplets(x, labels, strategy, 0)
         assert a.dtype == p.dtype == n.dtype == torch.int64 and a.dim() == 1
@@ -207,3 +217,24 @@ def test_direct_op_mismatched_devices():
         ops.batch_hard_mine(x, l4, 0)
     with pytest.raises(RuntimeError, match=r"y must be on the device of x \(cuda:0\), got cpu"):
         ops.pairwise_distance(x, x4, 0)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("metric", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_contrastive_with_grad_is_forward_plus_backward(device, metric, dtype):
+    # the forward that also returns d loss_sum / d embeddings: its loss and counts are the
+    # forward op's, bitwise (one code path), and its gradient the backward op's at g = 1
+    x, labels = _inputs(37, 5, dtype, device, False, seed=metric)
+    x = torch.cat([x, x[:3]])  # duplicates: near-zero pairs take the exact path
+    labels = torch.cat([labels, labels[:3]])
+    s, nv, npos, gs = ops.contrastive_loss_with_grad(x, labels, 0.7, metric)
+    s0, nv0, npos0 = ops.contrastive_loss(x, labels, 0.7, metric)
+    assert torch.equal(s, s0) and torch.equal(nv, nv0) and torch.equal(npos, npos0)
+    g = ops.contrastive_loss_backward(torch.tensor(1.0, dtype=_acc(dtype), device=device), x, labels, 0.7, metric)
+    torch.testing.assert_close(gs.to(dtype), g)
+    # and autograd through it is g * grad_sum
+    xr = x.clone().requires_grad_()
+    loss = ops.contrastive_loss_with_grad(xr, labels, 0.7, metric)[0] * 2.5
+    (got,) = torch.autograd.grad(loss, xr)
+    torch.testing.assert_close(got, 2.5 * g)

@@ -36,10 +36,11 @@ from .functional import (
     contrastive_loss,
     mine_triplets,
     pairwise_distance,
+    pml_contrastive_loss,
     semi_hard_triplet_loss,
 )
 from .memory import CrossBatchMemory
-from .modules import ContrastiveLoss, TripletLoss
+from .modules import ContrastiveLoss, PMLContrastiveLoss, TripletLoss
 
 __version__: str = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "ContrastiveLoss",
     "CrossBatchMemory",
     "HardMining",
+    "PMLContrastiveLoss",
     "TripletLoss",
     "TripletStats",
     "batch_all_triplet_loss",
@@ -59,6 +61,7 @@ __all__ = [
     "miners",
     "mine_triplets",
     "pairwise_distance",
+    "pml_contrastive_loss",
     "reference",
     "semi_hard_triplet_loss",
 ]

@@ -69,7 +69,11 @@ def extra_compile_args(with_cuda: bool) -> dict[str, list[str]]:
     # TORCH_ASSERT_ONLY_METHOD_OPERATORS: the C++ sources include <ATen/core/Tensor.h> and the
     # per-op headers they use (<ATen/ops/*.h>), never the whole of <ATen/ATen.h>, which
     # roughly doubled the compile time of each file.
-    args = {"cxx": ["-O3", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", *_openmp_flags()]}
+    # -fno-math-errno -fno-trapping-math: no kernel reads errno or floating-point exception
+    # flags; without them std::sqrt and the NaN-rule selects of the epilogue never vectorise.
+    # (NaN and Inf arithmetic stays IEEE: these are not -ffast-math.)
+    args = {"cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS",
+                    *_openmp_flags()]}
     if with_cuda:
         args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return args

@@ -29,12 +29,12 @@ _LIB = "triplet_cuda::"
 COSINE_EPS = 1e-8  # the norm floor of the cosine metric (csrc/common.h kCosineEps)
 
 FORWARD_OPS = ("pairwise_distance", "batch_hard_mine", "batch_all_loss", "semi_hard_loss", "contrastive_loss",
-               "mine_triplets")
+               "contrastive_loss_with_grad", "contrastive_hinge_loss", "mine_triplets")
 BACKWARD_OPS = ("pairwise_distance_backward", "batch_hard_mine_backward", "batch_all_loss_backward",
-                "semi_hard_loss_backward", "contrastive_loss_backward")
+                "semi_hard_loss_backward", "contrastive_loss_backward", "contrastive_hinge_loss_backward")
 # the public loss function of each dense loss op, for error messages
 _LOSS_NAMES = {"batch_all_loss": "batch_all_triplet_loss", "semi_hard_loss": "semi_hard_triplet_loss",
-               "contrastive_loss": "contrastive_loss"}
+               "contrastive_loss": "contrastive_loss", "contrastive_hinge_loss": "pml_contrastive_loss"}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,6 +108,12 @@ def _loss_backward_fake(grad_loss_sum, embeddings, labels, margin, metric):
 for _name in ("batch_all_loss", "semi_hard_loss", "contrastive_loss"):
     torch.library.register_fake(_LIB + _name)(_loss_fake)
     torch.library.register_fake(_LIB + _name + "_backward")(_loss_backward_fake)
+
+
+@torch.library.register_fake(_LIB + "contrastive_loss_with_grad")
+def _(embeddings, labels, margin, metric):
+    loss, count, positive = _loss_fake(embeddings, labels, margin, metric)
+    return loss, count, positive, embeddings.new_empty(embeddings.shape, dtype=_acc_dtype(embeddings.dtype))
 
 
 @torch.library.register_fake(_LIB + "mine_triplets")
@@ -255,6 +261,63 @@ for _name in ("batch_all_loss", "semi_hard_loss", "contrastive_loss"):
         _make_loss_backward(getattr(ops, _name + "_backward")),
         setup_context=_loss_setup,
     )
+
+
+# contrastive_loss_with_grad: the forward also returned grad_sum = d loss_sum / d embeddings, so
+# the backward is a scaling. With create_graph=True it takes the backward op instead, whose own
+# derivative raises (a scaled constant would be a silently wrong second derivative).
+def _with_grad_setup(ctx, inputs, output):
+    embeddings, labels, margin, metric = inputs
+    ctx.save_for_backward(embeddings, labels, output[1], output[3])
+    ctx.mark_non_differentiable(output[3])
+    ctx.margin = margin
+    ctx.metric = metric
+
+
+def _with_grad_backward(ctx, g_loss_sum, g_num_valid, g_num_positive, g_grad_sum):
+    embeddings, labels, num_valid, grad_sum = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        grad = ops.contrastive_loss_backward(g_loss_sum, embeddings, labels, ctx.margin, ctx.metric)
+    else:
+        grad = (grad_sum * g_loss_sum.to(grad_sum.dtype)).to(embeddings.dtype)
+    grad = torch.where(num_valid > 0, grad, torch.zeros_like(grad))  # as _make_loss_backward
+    return grad, None, None, None
+
+
+torch.library.register_autograd(_LIB + "contrastive_loss_with_grad", _with_grad_backward,
+                                setup_context=_with_grad_setup)
+
+
+# contrastive_hinge_loss: the positive and negative sums are differentiable apart (the reduction
+# divides each by its own count), so the backward op takes both gradients.
+@torch.library.register_fake(_LIB + "contrastive_hinge_loss")
+def _(embeddings, labels, pos_margin, neg_margin, metric):
+    pos_sum, pos_nonzero, _ = _loss_fake(embeddings, labels, pos_margin, metric)
+    return pos_sum, pos_nonzero, torch.empty_like(pos_sum), torch.empty_like(pos_nonzero)
+
+
+@torch.library.register_fake(_LIB + "contrastive_hinge_loss_backward")
+def _(grad_pos_sum, grad_neg_sum, embeddings, labels, pos_margin, neg_margin, metric):
+    return torch.empty_like(embeddings, memory_format=torch.contiguous_format)
+
+
+def _hinge_setup(ctx, inputs, output):
+    embeddings, labels, pos_margin, neg_margin, metric = inputs
+    ctx.save_for_backward(embeddings, labels)
+    ctx.margins = (pos_margin, neg_margin)
+    ctx.metric = metric
+
+
+def _hinge_backward(ctx, g_pos_sum, g_pos_nonzero, g_neg_sum, g_neg_nonzero):
+    embeddings, labels = ctx.saved_tensors
+    zero = torch.zeros((), dtype=_acc_dtype(embeddings.dtype), device=embeddings.device)
+    g_pos_sum = zero if g_pos_sum is None else g_pos_sum
+    g_neg_sum = zero if g_neg_sum is None else g_neg_sum
+    grad = ops.contrastive_hinge_loss_backward(g_pos_sum, g_neg_sum, embeddings, labels, *ctx.margins, ctx.metric)
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd(_LIB + "contrastive_hinge_loss", _hinge_backward, setup_context=_hinge_setup)
 
 
 # ----------------------------------------------------------------------------- second derivatives

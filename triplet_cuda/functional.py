@@ -32,6 +32,7 @@ __all__ = [
     "contrastive_loss",
     "mine_triplets",
     "pairwise_distance",
+    "pml_contrastive_loss",
     "semi_hard_triplet_loss",
 ]
 
@@ -291,7 +292,8 @@ def _fused_loss(name: str, embeddings: torch.Tensor, labels: torch.Tensor, margi
     if ref is not None:
         loss_sum, num_valid, num_positive = getattr(ops, name + "_ref")(embeddings, labels, *ref, margin, code)
     else:
-        loss_sum, num_valid, num_positive = getattr(ops, name)(embeddings, labels, margin, code)
+        op = _contrastive_op if name == "contrastive_loss" else getattr(ops, name)
+        loss_sum, num_valid, num_positive = op(embeddings, labels, margin, code)
     loss = _reduce_sum(loss_sum, num_valid, num_positive, reduction, result_dtype(embeddings))
     return (loss, _stats(num_valid, num_positive)) if return_stats else loss
 
@@ -566,6 +568,77 @@ def contrastive_loss(
                                               ref_labels=ref_labels, ref_self_index=ref_self_index)
     return _fused_loss("contrastive_loss", embeddings, labels, margin, metric, reduction, REDUCTIONS,
                        return_stats, ref_embeddings, ref_labels, ref_self_index)
+
+
+def _contrastive_op(embeddings, labels, margin, code):
+    # When a gradient will be wanted, the forward computes it in the same pass (the backward is
+    # then a scaling): 1.5 GEMMs of N x N x D instead of 2. Without one it stays a forward.
+    if torch.is_grad_enabled() and embeddings.requires_grad:
+        return ops.contrastive_loss_with_grad(embeddings, labels, margin, code)[:3]
+    return ops.contrastive_loss(embeddings, labels, margin, code)
+
+
+def pml_contrastive_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    pos_margin: float = 0.0,
+    neg_margin: float = 1.0,
+    *,
+    metric: Metric = "euclidean",
+    normalize_embeddings: bool = True,
+) -> torch.Tensor:
+    """pytorch-metric-learning's ``ContrastiveLoss``: linear hinges over all in-batch pairs.
+
+    ``relu(d - pos_margin)`` over pairs of the same label and ``relu(neg_margin - d)`` over
+    pairs of different labels; each part is divided by its number of terms > 0 (a part without
+    one is 0) and the two parts are added. This is ``losses.ContrastiveLoss(pos_margin,
+    neg_margin)`` of pytorch-metric-learning with its default ``AvgNonZeroReducer``: pml takes
+    ordered pairs (i, j), i != j, which counts every pair twice in both a part's sum and its
+    count, so its means equal these over pairs i < j. With ``normalize_embeddings=True`` (as
+    pml's default ``LpDistance``) the rows are L2-normalised first
+    (``torch.nn.functional.normalize``); ``False`` matches
+    ``LpDistance(normalize_embeddings=False)`` and uses the embeddings as given.
+    ``metric="squared_euclidean"`` matches ``LpDistance(power=2)``; pml's ``CosineSimilarity``
+    with margins (p, n) is ``metric="cosine"`` with margins (1 - p, 1 - n). Unlike pml, a NaN
+    term is not dropped by the "> 0" filter: a NaN embedding gives a NaN loss.
+
+    Args:
+        embeddings: Floating point embeddings.
+        labels: Integer class labels (any integer dtype, any values), on the device of
+            ``embeddings``.
+        pos_margin: Distance below which a positive pair costs nothing, a finite number >= 0.
+        neg_margin: Distance beyond which a negative pair costs nothing, a finite number >= 0.
+        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        normalize_embeddings: L2-normalise the rows first, as pml's default distance.
+
+    Shapes:
+        embeddings: (N, D); labels: (N,); loss: ().
+
+    Returns:
+        The loss (0-d) in the dtype of ``embeddings``. With no term > 0 it is 0, still
+        attached to the graph.
+
+    Raises:
+        TypeError: ``embeddings`` is not floating point or ``labels`` not integer.
+        ValueError: Wrong dimensions, lengths or devices, a negative or non-finite margin, or
+            an unknown ``metric``.
+
+    Example:
+        >>> import torch
+        >>> import triplet_cuda as tc
+        >>> embeddings = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 0.0], [3.0, 1.0]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> tc.pml_contrastive_loss(embeddings, labels, 0.5, 3.5, normalize_embeddings=False)
+        tensor(0.9189)
+    """
+    code = _check_batch(embeddings, labels, metric)
+    pos_margin = v.check_margin(pos_margin, "pos_margin")
+    neg_margin = v.check_margin(neg_margin, "neg_margin")
+    x = torch.nn.functional.normalize(embeddings, p=2, dim=1) if normalize_embeddings else embeddings
+    pos_sum, pos_nonzero, neg_sum, neg_nonzero = ops.contrastive_hinge_loss(x, labels, pos_margin, neg_margin, code)
+    loss = (pos_sum / pos_nonzero.clamp_min(1).to(pos_sum.dtype)
+            + neg_sum / neg_nonzero.clamp_min(1).to(neg_sum.dtype))
+    return loss.to(result_dtype(embeddings))
 
 
 def mine_triplets(

@@ -30,7 +30,7 @@ from ._ops import METRICS
 from ._types import TripletStats
 from .functional import BatchHardReduction, Metric, Reduction
 
-__all__ = ["ContrastiveLoss", "TripletLoss"]
+__all__ = ["ContrastiveLoss", "PMLContrastiveLoss", "TripletLoss"]
 
 Mining = Literal["batch_hard", "batch_all", "semi_hard"]
 """A mining strategy of TripletLoss."""
@@ -230,3 +230,68 @@ class ContrastiveLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, metric={self.metric!r}, reduction={self.reduction!r}, "
                 f"return_stats={self.return_stats}" + (", gather_across_ranks=True" if self.gather_across_ranks else ""))
+
+
+class PMLContrastiveLoss(torch.nn.Module):
+    """pytorch-metric-learning's ContrastiveLoss; forward(embeddings, labels) -> loss.
+
+    The module form of pml_contrastive_loss, a drop-in for pml's
+    ``losses.ContrastiveLoss(pos_margin, neg_margin)`` with its default distance and reducer:
+    ``relu(d - pos_margin)`` over positive pairs and ``relu(neg_margin - d)`` over negative
+    pairs, each part averaged over its terms > 0, the parts added; rows L2-normalised first
+    unless ``normalize_embeddings=False``. It has no parameters or buffers.
+
+    Args:
+        pos_margin: A finite number >= 0.
+        neg_margin: A finite number >= 0.
+        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+        normalize_embeddings: L2-normalise the rows first, as pml's default ``LpDistance``.
+
+    Shapes:
+        embeddings: (N, D) floating point; labels: (N,) integer; loss: ().
+
+    Raises:
+        ValueError: An unknown ``metric`` or a negative or non-finite margin. forward raises
+            what pml_contrastive_loss raises for bad embeddings or labels.
+
+    Example:
+        >>> import torch
+        >>> import triplet_cuda as tc
+        >>> criterion = tc.PMLContrastiveLoss(pos_margin=0.5, neg_margin=3.5, normalize_embeddings=False)
+        >>> criterion
+        PMLContrastiveLoss(pos_margin=0.5, neg_margin=3.5, metric='euclidean', normalize_embeddings=False)
+        >>> embeddings = torch.tensor([[0.0, 0.0], [0.0, 1.0], [3.0, 0.0], [3.0, 1.0]])
+        >>> criterion(embeddings, torch.tensor([0, 0, 1, 1]))
+        tensor(0.9189)
+    """
+
+    def __init__(
+        self,
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        metric: Metric = "euclidean",
+        normalize_embeddings: bool = True,
+    ) -> None:
+        super().__init__()
+        v.check_choice(metric, "metric", METRICS)
+        self.pos_margin = v.check_margin(pos_margin, "pos_margin")
+        self.neg_margin = v.check_margin(neg_margin, "neg_margin")
+        self.metric = metric
+        self.normalize_embeddings = bool(normalize_embeddings)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch (see the class docstring).
+
+        Args:
+            embeddings: (N, D) floating point embeddings.
+            labels: (N,) integer class labels.
+
+        Returns:
+            The loss, 0-d.
+        """
+        return F.pml_contrastive_loss(embeddings, labels, self.pos_margin, self.neg_margin, metric=self.metric,
+                                      normalize_embeddings=self.normalize_embeddings)
+
+    def extra_repr(self) -> str:
+        return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, metric={self.metric!r}, "
+                f"normalize_embeddings={self.normalize_embeddings}")

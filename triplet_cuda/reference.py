@@ -208,6 +208,28 @@ def contrastive_loss(embeddings, labels, margin=1.0, metric="euclidean", reducti
     return (loss, stats) if return_stats else loss
 
 
+def pml_contrastive_loss(embeddings, labels, pos_margin=0.0, neg_margin=1.0, metric="euclidean"):
+    """pytorch-metric-learning's ContrastiveLoss (AvgNonZeroReducer) on the embeddings as given.
+
+    Over pairs i < j: relu(d - pos_margin) for the same label, relu(neg_margin - d) otherwise;
+    each part summed and divided by its number of terms > 0 (a part with none is 0), the two
+    parts added. pml takes ordered pairs (i != j), which counts every pair twice in both sum
+    and count: the same means. A NaN term is kept in the sum (pml's filter would drop it).
+    """
+    n = labels.numel()
+    d = pairwise_distance(embeddings, metric=metric)
+    i, j = torch.triu_indices(n, n, offset=1, device=labels.device)
+    dij = d[i, j]
+    same = labels[i] == labels[j]
+    pos = torch.relu(dij[same] - pos_margin)
+    neg = torch.relu(neg_margin - dij[~same])
+
+    def avg_nonzero(t):
+        return t.sum() / (t > 0).sum().clamp_min(1).to(t.dtype)
+
+    return avg_nonzero(pos) + avg_nonzero(neg)
+
+
 def mine_triplets(embeddings, labels, strategy="batch_hard", metric="euclidean", *, ref_embeddings=None,
                   ref_labels=None, ref_self_index=None):
     """(anchor, positive, negative) int64 index tensors, sorted by (anchor, positive, negative);

@@ -48,6 +48,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(const at::Ten
                                                                   double margin, int64_t metric);
 at::Tensor contrastive_backward(const at::Tensor& grad_loss_sum, const at::Tensor& embeddings,
                                 const at::Tensor& labels, double margin, int64_t metric);
+// The forward plus grad_sum (N, D), accumulation dtype: the gradient of loss_sum (g = 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_with_grad(
+    const at::Tensor& embeddings, const at::Tensor& labels, double margin, int64_t metric);
+// The hinge form: -> (pos_sum, pos_nonzero, neg_sum, neg_nonzero); backward: grad (N, D).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_hinge_forward(
+    const at::Tensor& embeddings, const at::Tensor& labels, double pos_margin, double neg_margin,
+    int64_t metric);
+at::Tensor contrastive_hinge_backward(const at::Tensor& grad_pos_sum, const at::Tensor& grad_neg_sum,
+                                      const at::Tensor& embeddings, const at::Tensor& labels,
+                                      double pos_margin, double neg_margin, int64_t metric);
 
 // embeddings: (N, D), labels: (N,), strategy -> (anchor (T,), positive (T,), negative (T,)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_cpu(const at::Tensor& embeddings,

@@ -18,6 +18,9 @@ TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m) {
   m.impl("semi_hard_loss_backward", &semi_hard_backward);
   m.impl("contrastive_loss", &contrastive_forward);
   m.impl("contrastive_loss_backward", &contrastive_backward);
+  m.impl("contrastive_loss_with_grad", &contrastive_with_grad);
+  m.impl("contrastive_hinge_loss", &contrastive_hinge_forward);
+  m.impl("contrastive_hinge_loss_backward", &contrastive_hinge_backward);
   m.impl("mine_triplets", &mine_triplets_cpu);
   m.impl("knn", &knn_cpu);
   m.impl("batch_hard_mine_ref", &batch_hard_mine_ref_cpu);
