@@ -211,19 +211,27 @@ TC_HOST_DEVICE inline T keep_if(bool keep, T x) {
   return x;
 }
 
-// Batch all, one (anchor, negative) pair against the anchor's P positive distances d_ap:
-// adds sum_k relu(d_ap[k] - d_an + margin) to *sum and the number of active terms
-// (d_ap[k] - d_an + margin > 0, in T) to *active. NaN terms are inactive and add 0 (the NaN
-// rule is the caller's: a NaN anywhere in the anchor's row makes its loss NaN).
+// Batch all, one triplet: the term relu(d_ap - d_an + margin) (+0 when inactive) and, in
+// *active, whether it is active: d_ap - d_an + margin > 0, evaluated in T. A NaN term is
+// inactive and adds 0: the NaN rule is the caller's (a NaN anywhere in the anchor's row makes
+// its loss NaN). Branch-free (keep_if), so loops over it vectorise.
+template <typename T>
+TC_HOST_DEVICE inline T batch_all_term(T d_ap, T d_an, T margin, bool* active) {
+  const T t = d_ap - d_an + margin;
+  *active = t > T(0);
+  return keep_if(*active, t);
+}
+
+// One (anchor, negative) pair against the anchor's P positive distances d_ap: adds the sum of
+// its terms to *sum and the number of active ones to *active.
 template <typename T, typename Acc>
 TC_HOST_DEVICE inline void batch_all_negative(const T* d_ap, int P, T d_an, T margin, Acc* sum,
                                               int64_t* active) {
   Acc s = 0;
   int64_t c = 0;
   for (int k = 0; k < P; ++k) {
-    const T t = d_ap[k] - d_an + margin;
-    const bool on = t > T(0);
-    s += static_cast<Acc>(keep_if(on, t));
+    bool on;
+    s += static_cast<Acc>(batch_all_term(d_ap[k], d_an, margin, &on));
     c += on;
   }
   *sum += s;
@@ -235,7 +243,7 @@ TC_HOST_DEVICE inline void batch_all_negative(const T* d_ap, int P, T d_an, T ma
 // -inf or NaN, never active, and adds 0), so the loop has a fixed trip count and no mask.
 // Lane k's term goes to sum[k] and its activity to count[k] (per-lane accumulators: no
 // reassociation, so the compiler may vectorise without changing a bit); returns the number
-// of active lanes (the weight of the pair (anchor, negative) in the backward, negated).
+// of active lanes (the pair's weight in the backward is -g times it).
 template <typename T>
 TC_HOST_DEVICE inline T batch_all_pad() {
   return -infinity<T>();
@@ -246,21 +254,8 @@ TC_HOST_DEVICE inline int batch_all_lanes(const T* d_ap, T d_an, T margin, Acc* 
                                           int32_t* count) {
   int c = 0;
   for (int k = 0; k < W; ++k) {
-    const T t = d_ap[k] - d_an + margin;
-    const bool on = t > T(0);
-    sum[k] += static_cast<Acc>(keep_if(on, t));
-    count[k] += on;
-    c += on;
-  }
-  return c;
-}
-
-// batch_all_lanes without the sums (the backward needs only the counts).
-template <int W, typename T>
-TC_HOST_DEVICE inline int batch_all_active_lanes(const T* d_ap, T d_an, T margin, int32_t* count) {
-  int c = 0;
-  for (int k = 0; k < W; ++k) {
-    const bool on = d_ap[k] - d_an + margin > T(0);
+    bool on;
+    sum[k] += static_cast<Acc>(batch_all_term(d_ap[k], d_an, margin, &on));
     count[k] += on;
     c += on;
   }

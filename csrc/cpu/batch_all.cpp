@@ -6,6 +6,7 @@
 #include "ops_cpu.h"
 
 #include <algorithm>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -136,21 +137,25 @@ struct BatchAllRows {
 // anchor's positive distances first, then the negatives streamed once, each pair's distance
 // serving both of its anchors. No sort, no scan workspace beyond the distance block.
 //
-// The scan runs in W lanes (epi::batch_all_lanes: 4, 8 or 16, the fewest that hold every
-// anchor's positives), one per positive, with per-lane accumulators: the compiler vectorises
-// it over the positives without changing a bit. Each anchor's state is (N, W) arrays; a block
-// row scans its whole row with the anchor's lanes in registers (the row phase), a column
-// chunk updates its anchors' lanes in memory (the column phase).
+// Each anchor's positives sit in W lanes (4, 8 or 16, the fewest that hold every anchor's;
+// unused lanes hold epi::batch_all_pad(), never active), so every scan is a fixed-trip,
+// branch-free loop (epi::batch_all_term) that the compiler vectorises: the forward's row phase
+// over the lanes (epi::batch_all_lanes, the anchor's lanes in registers), the column phases
+// and the backward over the candidates. The lane state is stored lane-major, (W, N), so that
+// a column chunk's anchors are contiguous. Every accumulator is per (anchor, lane) and
+// receives its terms in the pass's fixed order: deterministic, whatever the thread count.
 // ---------------------------------------------------------------------------------------
 
 // Per-anchor lanes of the fused pass.
 template <typename T>
 struct BatchAllLanes {
+  int64_t N = 0;
   int W = 0;                   // lanes per anchor: 4, 8 or 16
   bool may_nan = false;        // some distance may be NaN (see distances_may_be_nan)
-  std::vector<T> dap;          // (N, W) positive distances, batch_all_pad() beyond count
-  std::vector<double> sum;     // (N, W) forward: sum of lane k's terms
-  std::vector<int32_t> count;  // (N, W) negatives active with lane k's positive
+  std::vector<int32_t> cls;    // (N) class id: the smallest index of the anchor's class
+  std::vector<T> dap;          // (W, N) positive distances, batch_all_pad() beyond the count
+  std::vector<double> sum;     // (W, N) forward: sum of the lane's terms
+  std::vector<int32_t> count;  // (W, N) negatives active with the lane's positive
   std::vector<char> nan;       // (N) a NaN distance to a negative (only when may_nan)
 };
 
@@ -175,112 +180,162 @@ template <typename T>
 BatchAllLanes<T> make_lanes(const Prepared& p, const Positives<T>& pos, bool forward) {
   constexpr int K = kFusedMaxPositives;
   const int64_t N = pos.N;
+  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(),
+              "triplet_cuda: batch_all_loss supports at most 2^31 - 1 embeddings, got ", N);
   int most = 0;
   for (int64_t a = 0; a < N; ++a) most = std::max(most, pos.count[a]);
   BatchAllLanes<T> l;
+  l.N = N;
   l.W = most <= 4 ? 4 : most <= 8 ? 8 : 16;
   l.may_nan = distances_may_be_nan<T>(p);
-  l.dap.assign(N * l.W, epi::batch_all_pad<T>());
+  l.cls.resize(N);
+  l.dap.assign(l.W * N, epi::batch_all_pad<T>());
   for (int64_t a = 0; a < N; ++a) {
-    for (int k = 0; k < pos.count[a]; ++k) l.dap[a * l.W + k] = pos.dist[a * K + k];
+    // positives in ascending index: the first is the class's smallest index unless a is
+    l.cls[a] = static_cast<int32_t>(pos.count[a] > 0 ? std::min(a, pos.idx[a * K]) : a);
+    for (int k = 0; k < pos.count[a]; ++k) l.dap[k * N + a] = pos.dist[a * K + k];
   }
-  if (forward) l.sum.assign(N * l.W, 0.0);
-  l.count.assign(N * l.W, 0);
+  if (forward) l.sum.assign(l.W * N, 0.0);
+  l.count.assign(l.W * N, 0);
   l.nan.assign(N, 0);
   return l;
 }
 
 // One block row of a scan (see upper_triangle_rows). Indices are relative to the block's
-// first row r0: the labels and the lane arrays are offset by r0.
+// first row r0: the class ids and the lane arrays are offset by r0.
 template <typename T>
 struct ScanArgs {
-  const int64_t* lab;  // labels of rows r0 + [0, C)
+  const int32_t* cls;  // class ids of rows r0 + [0, C)
   const T* d;          // d[j]: distance of rows r0 + i and r0 + j
-  int64_t i;           // the block row (the anchor in the row phase, the candidate in the column
-                       // phase)
+  int64_t i;           // the block row (the anchor in the row phase, the candidate in the
+                       // column phase)
   int64_t j0, j1;      // the other rows r0 + [j0, j1)
   T margin;
   T g;                 // backward: d loss / d loss_sum
   T* w;                // backward: w[j], the weight of entry j (like d)
-  // The lanes of rows r0 + [0, C) (BatchAllLanes' arrays, offset).
+  int64_t N;           // the lane arrays' row stride: lane k of row j at [k * N + j]
   const T* dap;
   double* sum;
   int32_t* count;
   char* nan;
 };
 
-// Forward, row phase: anchor r0 + i against the candidates [j0, j1), its lanes in registers.
+// Forward, row phase: anchor i against the candidates [j0, j1), its lanes in registers.
 template <int W, bool kNan, typename T>
 void forward_row(const ScanArgs<T>& s) {
-  const int64_t a = s.i;
+  const int64_t a = s.i, N = s.N, j1 = s.j1;
+  const int32_t* cls = s.cls;
+  const T* d = s.d;
+  const T margin = s.margin;
   T dap[W];
   double sum[W];
   int32_t count[W];
   for (int k = 0; k < W; ++k) {
-    dap[k] = s.dap[a * W + k];
-    sum[k] = s.sum[a * W + k];
-    count[k] = s.count[a * W + k];
+    dap[k] = s.dap[k * N + a];
+    sum[k] = s.sum[k * N + a];
+    count[k] = s.count[k * N + a];
   }
-  const int64_t la = s.lab[a];
+  const int32_t own = cls[a];
   bool nan = false;
-  for (int64_t j = s.j0; j < s.j1; ++j) {
-    if (s.lab[j] == la) continue;
-    if constexpr (kNan) nan |= epi::is_nan(s.d[j]);
-    epi::batch_all_lanes<W>(dap, s.d[j], s.margin, sum, count);
+  for (int64_t j = s.j0; j < j1; ++j) {
+    if (cls[j] == own) continue;
+    if constexpr (kNan) nan |= epi::is_nan(d[j]);
+    epi::batch_all_lanes<W>(dap, d[j], margin, sum, count);
   }
   for (int k = 0; k < W; ++k) {
-    s.sum[a * W + k] = sum[k];
-    s.count[a * W + k] = count[k];
+    s.sum[k * N + a] = sum[k];
+    s.count[k * N + a] = count[k];
   }
   if constexpr (kNan) s.nan[a] |= nan;
 }
 
-// Forward, column phase: candidate r0 + i against the anchors [j0, j1), their lanes in memory.
+// Forward, column phase: candidate i against the anchors [j0, j1), their lanes in memory,
+// vectorised over the anchors.
 template <int W, bool kNan, typename T>
 void forward_col(const ScanArgs<T>& s) {
-  const int64_t lc = s.lab[s.i];
-  for (int64_t a = s.j0; a < s.j1; ++a) {
-    if (s.lab[a] == lc) continue;
-    if constexpr (kNan) s.nan[a] |= epi::is_nan(s.d[a]);
-    epi::batch_all_lanes<W>(s.dap + a * W, s.d[a], s.margin, s.sum + a * W, s.count + a * W);
+  const int64_t N = s.N, j0 = s.j0, j1 = s.j1;
+  const int32_t* cls = s.cls;
+  const T* d = s.d;
+  const T margin = s.margin;
+  const int32_t other = cls[s.i];
+  for (int k = 0; k < W; ++k) {
+    const T* dap = s.dap + k * N;
+    double* sum = s.sum + k * N;
+    int32_t* count = s.count + k * N;
+    for (int64_t j = j0; j < j1; ++j) {
+      bool on;
+      const T t = epi::batch_all_term(dap[j], d[j], margin, &on);
+      on &= cls[j] != other;
+      sum[j] += static_cast<double>(epi::keep_if(on, t));
+      count[j] += on;
+    }
+  }
+  if constexpr (kNan) {
+    for (int64_t j = j0; j < j1; ++j) s.nan[j] |= cls[j] != other && epi::is_nan(d[j]);
   }
 }
 
-// Backward, row phase: the weights of anchor r0 + i's pairs, -g * (its active positives),
-// written to every entry of the row (0 for its own class).
+// Backward, row phase: the weights of anchor i's pairs, -g * (its active positives), written
+// to every entry of the row (0 for its own class), vectorised over the candidates.
 template <int W, bool kNan, typename T>
 void backward_row(const ScanArgs<T>& s) {
-  const int64_t a = s.i;
+  const int64_t a = s.i, N = s.N, j1 = s.j1;
+  const int32_t* cls = s.cls;
+  const T* d = s.d;
+  T* w = s.w;
+  const T margin = s.margin, neg_g = -s.g;
   T dap[W];
   int32_t count[W];
   for (int k = 0; k < W; ++k) {
-    dap[k] = s.dap[a * W + k];
-    count[k] = s.count[a * W + k];
+    dap[k] = s.dap[k * N + a];
+    count[k] = s.count[k * N + a];
   }
-  const int64_t la = s.lab[a];
-  bool nan = false;
-  for (int64_t j = s.j0; j < s.j1; ++j) {
-    if (s.lab[j] == la) {
-      s.w[j] = T(0);
-      continue;
+  const int32_t own = cls[a];
+  for (int64_t j = s.j0; j < j1; ++j) {
+    const bool neg = cls[j] != own;
+    int32_t c = 0;
+    for (int k = 0; k < W; ++k) {
+      bool active;
+      epi::batch_all_term(dap[k], d[j], margin, &active);
+      const int32_t on = active & neg;
+      count[k] += on;
+      c += on;
     }
-    if constexpr (kNan) nan |= epi::is_nan(s.d[j]);
-    s.w[j] = -s.g * static_cast<T>(epi::batch_all_active_lanes<W>(dap, s.d[j], s.margin, count));
+    w[j] = epi::keep_if(neg, neg_g * static_cast<T>(c));
   }
-  for (int k = 0; k < W; ++k) s.count[a * W + k] = count[k];
-  if constexpr (kNan) s.nan[a] |= nan;
+  for (int k = 0; k < W; ++k) s.count[k * N + a] = count[k];
+  if constexpr (kNan) {
+    bool nan = false;
+    for (int64_t j = s.j0; j < j1; ++j) nan |= cls[j] != own && epi::is_nan(d[j]);
+    s.nan[a] |= nan;
+  }
 }
 
 // Backward, column phase: adds the anchors' weights to the entries the row phase wrote.
 template <int W, bool kNan, typename T>
 void backward_col(const ScanArgs<T>& s) {
-  const int64_t lc = s.lab[s.i];
-  for (int64_t a = s.j0; a < s.j1; ++a) {
-    if (s.lab[a] == lc) continue;
-    if constexpr (kNan) s.nan[a] |= epi::is_nan(s.d[a]);
-    s.w[a] += -s.g * static_cast<T>(
-                         epi::batch_all_active_lanes<W>(s.dap + a * W, s.d[a], s.margin,
-                                                        s.count + a * W));
+  const int64_t N = s.N, j0 = s.j0, j1 = s.j1;
+  const int32_t* cls = s.cls;
+  const T* d = s.d;
+  T* w = s.w;
+  const T margin = s.margin, neg_g = -s.g;
+  const int32_t other = cls[s.i];
+  const T* dap = s.dap;
+  int32_t* count = s.count;
+  for (int64_t j = j0; j < j1; ++j) {
+    const bool neg = cls[j] != other;
+    int32_t c = 0;
+    for (int k = 0; k < W; ++k) {
+      bool active;
+      epi::batch_all_term(dap[k * N + j], d[j], margin, &active);
+      const int32_t on = active & neg;
+      count[k * N + j] += on;
+      c += on;
+    }
+    w[j] += neg_g * static_cast<T>(c);
+  }
+  if constexpr (kNan) {
+    for (int64_t j = j0; j < j1; ++j) s.nan[j] |= cls[j] != other && epi::is_nan(d[j]);
   }
 }
 
@@ -291,71 +346,88 @@ struct Scans {
   Fn row, col;
 };
 
+template <bool kForward, int W, bool kNan, typename T>
+Scans<T> scans_for() {
+  if constexpr (kForward) {
+    return {&forward_row<W, kNan, T>, &forward_col<W, kNan, T>};
+  } else {
+    return {&backward_row<W, kNan, T>, &backward_col<W, kNan, T>};
+  }
+}
+
 template <bool kForward, typename T>
 Scans<T> pick_scans(const BatchAllLanes<T>& l) {
-#define TC_BATCH_ALL_SCANS(W, NAN)                                          \
-  if constexpr (kForward) return {&forward_row<W, NAN, T>, &forward_col<W, NAN, T>}; \
-  else return {&backward_row<W, NAN, T>, &backward_col<W, NAN, T>}
   if (l.may_nan) {
-    if (l.W == 4) { TC_BATCH_ALL_SCANS(4, true); }
-    if (l.W == 8) { TC_BATCH_ALL_SCANS(8, true); }
-    TC_BATCH_ALL_SCANS(16, true);
+    return l.W == 4   ? scans_for<kForward, 4, true, T>()
+           : l.W == 8 ? scans_for<kForward, 8, true, T>()
+                      : scans_for<kForward, 16, true, T>();
   }
-  if (l.W == 4) { TC_BATCH_ALL_SCANS(4, false); }
-  if (l.W == 8) { TC_BATCH_ALL_SCANS(8, false); }
-  TC_BATCH_ALL_SCANS(16, false);
-#undef TC_BATCH_ALL_SCANS
+  return l.W == 4   ? scans_for<kForward, 4, false, T>()
+         : l.W == 8 ? scans_for<kForward, 8, false, T>()
+                    : scans_for<kForward, 16, false, T>();
 }
 
 template <typename T>
-ScanArgs<T> scan_args(BatchAllLanes<T>& l, const int64_t* lab, int64_t r0, T margin, T g) {
-  const int64_t W = l.W;
+ScanArgs<T> scan_args(BatchAllLanes<T>& l, int64_t r0, T margin, T g) {
   ScanArgs<T> s;
-  s.lab = lab + r0;
+  s.cls = l.cls.data() + r0;
   s.d = nullptr;
   s.i = s.j0 = s.j1 = 0;
   s.margin = margin;
   s.g = g;
   s.w = nullptr;
-  s.dap = l.dap.data() + r0 * W;
-  s.sum = l.sum.empty() ? nullptr : l.sum.data() + r0 * W;
-  s.count = l.count.data() + r0 * W;
+  s.N = l.N;
+  s.dap = l.dap.data() + r0;
+  s.sum = l.sum.empty() ? nullptr : l.sum.data() + r0;
+  s.count = l.count.data() + r0;
   s.nan = l.nan.data() + r0;
   return s;
+}
+
+// Runs the row and column scans over the upper-triangle blocks; w_row(r0, i) is the weight
+// row of block row i (backward) or nullptr.
+template <typename T, Metric M, typename BeforeBlock, typename WeightRow, typename AfterBlock>
+void scan_pass(const Prepared& p, BatchAllLanes<T>& l, const Scans<T>& scan, T margin, T g,
+               int64_t bytes_per_elem, BeforeBlock&& before_block, WeightRow&& w_row,
+               AfterBlock&& after_block) {
+  const int64_t N = p.rows();
+  upper_triangle_rows<T, M>(
+      p, bytes_per_elem, before_block,
+      [&](int64_t r0, int64_t i, const T* d) {
+        ScanArgs<T> s = scan_args(l, r0, margin, g);
+        s.d = d;
+        s.w = w_row(r0, i);
+        s.i = i;
+        s.j1 = N - r0;
+        scan.row(s);
+      },
+      [&](int64_t r0, int64_t i, int64_t j0, int64_t j1, const T* d) {
+        ScanArgs<T> s = scan_args(l, r0, margin, g);
+        s.d = d;
+        s.w = w_row(r0, i);
+        s.i = i;
+        s.j0 = j0;
+        s.j1 = j1;
+        scan.col(s);
+      },
+      after_block);
 }
 
 // Whether a valid anchor's row holds a NaN distance (the NaN rule).
 template <typename T>
 bool row_is_nan(const Positives<T>& pos, const BatchAllLanes<T>& l, int64_t a) {
   bool nan = l.nan[a] != 0;
-  for (int k = 0; k < pos.count[a]; ++k) nan |= epi::is_nan(l.dap[a * l.W + k]);
+  for (int k = 0; k < pos.count[a]; ++k) nan |= epi::is_nan(l.dap[k * l.N + a]);
   return nan;
 }
 
 template <typename T, Metric M>
-RowTotals fused_forward(const Prepared& p, const int64_t* lab, const Positives<T>& pos, T margin) {
+RowTotals fused_forward(const Prepared& p, const Positives<T>& pos, T margin) {
   const int64_t N = p.rows();
   BatchAllLanes<T> l = make_lanes(p, pos, /*forward=*/true);
-  const Scans<T> scan = pick_scans</*kForward=*/true>(l);
   const auto none = [](int64_t, int64_t, at::Tensor&) {};
-  upper_triangle_rows<T, M>(
-      p, sizeof(T), none,
-      [&](int64_t r0, int64_t i, const T* d) {
-        ScanArgs<T> s = scan_args(l, lab, r0, margin, T(0));
-        s.d = d;
-        s.i = i;
-        s.j1 = N - r0;
-        scan.row(s);
-      },
-      [&](int64_t r0, int64_t i, int64_t j0, int64_t j1, const T* d) {
-        ScanArgs<T> s = scan_args(l, lab, r0, margin, T(0));
-        s.d = d;
-        s.i = i;
-        s.j0 = j0;
-        s.j1 = j1;
-        scan.col(s);
-      },
-      none);
+  scan_pass<T, M>(p, l, pick_scans</*kForward=*/true>(l), margin, T(0), sizeof(T), none,
+                  [](int64_t, int64_t) -> T* { return nullptr; }, none);
   const int64_t W = l.W;
   RowTotals total;
   bool nan = false;
@@ -367,8 +439,8 @@ RowTotals fused_forward(const Prepared& p, const int64_t* lab, const Positives<T
     double sum = 0;
     int64_t active = 0;
     for (int64_t k = 0; k < W; ++k) {
-      sum += l.sum[a * W + k];
-      active += l.count[a * W + k];
+      sum += l.sum[k * N + a];
+      active += l.count[k * N + a];
     }
     total.sum += sum;
     total.valid += valid;
@@ -379,44 +451,24 @@ RowTotals fused_forward(const Prepared& p, const int64_t* lab, const Positives<T
 }
 
 template <typename T, Metric M>
-at::Tensor fused_backward(const Prepared& p, const int64_t* lab, const Positives<T>& pos, T margin,
-                          T g) {
+at::Tensor fused_backward(const Prepared& p, const Positives<T>& pos, T margin, T g) {
   const int64_t N = p.rows(), D = p.e.size(1);
   constexpr int K = kFusedMaxPositives;
   at::Tensor grad = at::zeros_like(p.e);
-  // count[a][k]: negatives active with anchor a's positive k (integers: exact in any order).
   BatchAllLanes<T> l = make_lanes(p, pos, /*forward=*/false);
-  const Scans<T> scan = pick_scans</*kForward=*/false>(l);
-  const int64_t W = l.W;
   at::Tensor Wt;  // the current block's weights, (b, N - r0)
   T* wp = nullptr;
   // Each (anchor, negative) pair puts its anchor's weight on the block entry of its distance:
   // inside the block's square (i, j) and (j, i) are both entries, each carrying one direction
   // (the row phase writes every entry of its row); beyond it the column phase adds the other
   // direction. The gradient GEMMs then run per block.
-  upper_triangle_rows<T, M>(
-      p, 2 * sizeof(T),
+  scan_pass<T, M>(
+      p, l, pick_scans</*kForward=*/false>(l), margin, g, 2 * sizeof(T),
       [&](int64_t, int64_t, at::Tensor& dist) {
         Wt = at::empty_like(dist);
         wp = Wt.data_ptr<T>();
       },
-      [&](int64_t r0, int64_t i, const T* d) {
-        ScanArgs<T> s = scan_args(l, lab, r0, margin, g);
-        s.d = d;
-        s.w = wp + i * (N - r0);
-        s.i = i;
-        s.j1 = N - r0;
-        scan.row(s);
-      },
-      [&](int64_t r0, int64_t i, int64_t j0, int64_t j1, const T* d) {
-        ScanArgs<T> s = scan_args(l, lab, r0, margin, g);
-        s.d = d;
-        s.w = wp + i * (N - r0);
-        s.i = i;
-        s.j0 = j0;
-        s.j1 = j1;
-        scan.col(s);
-      },
+      [&](int64_t r0, int64_t i) { return wp + i * (N - r0); },
       [&](int64_t r0, int64_t, at::Tensor& dist) {
         accumulate_distance_grad(Wt, dist, p, r0, p, r0, M, grad, grad);
       });
@@ -437,8 +489,8 @@ at::Tensor fused_backward(const Prepared& p, const int64_t* lab, const Positives
       const T* ej = e + j * D;
       for (int k = 0; k < pos.count[j]; ++k) {
         const int64_t q = pos.idx[j * K + k];
-        const int64_t both =
-            int64_t(l.count[j * W + k]) + int64_t(l.count[q * W + pos.back[j * K + k]]);
+        const int64_t both = int64_t(l.count[k * N + j]) +
+                             int64_t(l.count[int64_t(pos.back[j * K + k]) * N + q]);
         if (both == 0) continue;
         const PairGrad<T> c = pair_grad<M>(g * static_cast<T>(both), pos.dist[j * K + k], sq[j],
                                            sq[q], inv[j], inv[q]);
@@ -456,12 +508,12 @@ struct BatchAll {
   static RowTotals forward(const Prepared& p, const int64_t* lab, T margin) {
     const Positives<T> pos = collect_positives<T, M>(p, lab);
     if (!pos.fits) return rows_forward<T, M, BatchAllRows>(p, lab, margin);
-    return fused_forward<T, M>(p, lab, pos, margin);
+    return fused_forward<T, M>(p, pos, margin);
   }
   static at::Tensor backward(const Prepared& p, const int64_t* lab, T margin, T g) {
     const Positives<T> pos = collect_positives<T, M>(p, lab);
     if (!pos.fits) return rows_backward<T, M, BatchAllRows>(p, lab, margin, g);
-    return fused_backward<T, M>(p, lab, pos, margin, g);
+    return fused_backward<T, M>(p, pos, margin, g);
   }
 };
 
