@@ -311,31 +311,35 @@ void backward_row(const ScanArgs<T>& s) {
   }
 }
 
-// Backward, column phase: adds the anchors' weights to the entries the row phase wrote.
+// Backward, column phase: adds the anchors' weights to the entries the row phase wrote,
+// lane by lane over up to 64 anchors at a time (vectorised over the anchors).
 template <int W, bool kNan, typename T>
 void backward_col(const ScanArgs<T>& s) {
-  const int64_t N = s.N, j0 = s.j0, j1 = s.j1;
+  constexpr int64_t kSpan = 64;
+  const int64_t N = s.N;
   const int32_t* cls = s.cls;
   const T* d = s.d;
   T* w = s.w;
   const T margin = s.margin, neg_g = -s.g;
   const int32_t other = cls[s.i];
-  const T* dap = s.dap;
-  int32_t* count = s.count;
-  for (int64_t j = j0; j < j1; ++j) {
-    const bool neg = cls[j] != other;
-    int32_t c = 0;
+  for (int64_t j0 = s.j0; j0 < s.j1; j0 += kSpan) {
+    const int64_t n = std::min(kSpan, s.j1 - j0);
+    int32_t c[kSpan] = {};  // active lanes per anchor
     for (int k = 0; k < W; ++k) {
-      bool active;
-      epi::batch_all_term(dap[k * N + j], d[j], margin, &active);
-      const int32_t on = active & neg;
-      count[k * N + j] += on;
-      c += on;
+      const T* dap = s.dap + k * N + j0;
+      int32_t* count = s.count + k * N + j0;
+      for (int64_t j = 0; j < n; ++j) {
+        bool active;
+        epi::batch_all_term(dap[j], d[j0 + j], margin, &active);
+        const int32_t on = active & (cls[j0 + j] != other);
+        count[j] += on;
+        c[j] += on;
+      }
     }
-    w[j] += neg_g * static_cast<T>(c);
+    for (int64_t j = 0; j < n; ++j) w[j0 + j] += neg_g * static_cast<T>(c[j]);
   }
   if constexpr (kNan) {
-    for (int64_t j = j0; j < j1; ++j) s.nan[j] |= cls[j] != other && epi::is_nan(d[j]);
+    for (int64_t j = s.j0; j < s.j1; ++j) s.nan[j] |= cls[j] != other && epi::is_nan(d[j]);
   }
 }
 
