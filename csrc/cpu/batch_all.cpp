@@ -153,6 +153,7 @@ struct BatchAllLanes {
   int W = 0;                   // lanes per anchor: 4, 8 or 16
   bool may_nan = false;        // some distance may be NaN (see distances_may_be_nan)
   std::vector<int32_t> cls;    // (N) class id: the smallest index of the anchor's class
+  std::vector<int32_t> npos;   // (N) positives per anchor
   std::vector<T> dap;          // (W, N) positive distances, batch_all_pad() beyond the count
   std::vector<double> sum;     // (W, N) forward: sum of the lane's terms
   std::vector<int32_t> count;  // (W, N) negatives active with the lane's positive
@@ -189,6 +190,7 @@ BatchAllLanes<T> make_lanes(const Prepared& p, const Positives<T>& pos, bool for
   l.W = most <= 4 ? 4 : most <= 8 ? 8 : 16;
   l.may_nan = distances_may_be_nan<T>(p);
   l.cls.resize(N);
+  l.npos.assign(pos.count.begin(), pos.count.end());
   l.dap.assign(l.W * N, epi::batch_all_pad<T>());
   for (int64_t a = 0; a < N; ++a) {
     // positives in ascending index: the first is the class's smallest index unless a is
@@ -201,18 +203,21 @@ BatchAllLanes<T> make_lanes(const Prepared& p, const Positives<T>& pos, bool for
   return l;
 }
 
-// One block row of a scan (see upper_triangle_rows). Indices are relative to the block's
+// A scan's view of one block (see upper_triangle_rows). Indices are relative to the block's
 // first row r0: the class ids and the lane arrays are offset by r0.
 template <typename T>
 struct ScanArgs {
   const int32_t* cls;  // class ids of rows r0 + [0, C)
-  const T* d;          // d[j]: distance of rows r0 + i and r0 + j
-  int64_t i;           // the block row (the anchor in the row phase, the candidate in the
-                       // column phase)
+  const int32_t* npos; // positives of rows r0 + [0, C)
+  const T* d;          // row phase: d[j], the distance of rows r0 + i and r0 + j; column
+                       // phase: the block, d[i * C + j]
+  T* w;                // backward: the weights, like d
+  int64_t C;           // the block's row stride
+  int64_t i;           // row phase: the anchor's block row
+  int64_t b;           // column phase: the candidates are the block rows [0, b)
   int64_t j0, j1;      // the other rows r0 + [j0, j1)
   T margin;
   T g;                 // backward: d loss / d loss_sum
-  T* w;                // backward: w[j], the weight of entry j (like d)
   int64_t N;           // the lane arrays' row stride: lane k of row j at [k * N + j]
   const T* dap;
   double* sum;
@@ -220,58 +225,108 @@ struct ScanArgs {
   char* nan;
 };
 
-// Forward, row phase: anchor i against the candidates [j0, j1), its lanes in registers.
-template <int W, bool kNan, typename T>
-void forward_row(const ScanArgs<T>& s) {
-  const int64_t a = s.i, N = s.N, j1 = s.j1;
-  const int32_t* cls = s.cls;
-  const T* d = s.d;
-  const T margin = s.margin;
-  T dap[W];
-  double sum[W];
-  int32_t count[W];
-  for (int k = 0; k < W; ++k) {
-    dap[k] = s.dap[k * N + a];
-    sum[k] = s.sum[k * N + a];
-    count[k] = s.count[k * N + a];
-  }
-  const int32_t own = cls[a];
-  bool nan = false;
-  for (int64_t j = s.j0; j < j1; ++j) {
-    if (cls[j] == own) continue;
-    if constexpr (kNan) nan |= epi::is_nan(d[j]);
-    epi::batch_all_lanes<W>(dap, d[j], margin, sum, count);
-  }
-  for (int k = 0; k < W; ++k) {
-    s.sum[k * N + a] = sum[k];
-    s.count[k * N + a] = count[k];
-  }
-  if constexpr (kNan) s.nan[a] |= nan;
-}
+// Terms of one lane are summed in T over at most this many candidates (vector partial sums),
+// then added to the lane's float64 sum: the rounding stays at the terms' own.
+constexpr int64_t kFlushTerms = 64;
 
-// Forward, column phase: candidate i against the anchors [j0, j1), their lanes in memory,
-// vectorised over the anchors.
-template <int W, bool kNan, typename T>
-void forward_col(const ScanArgs<T>& s) {
-  const int64_t N = s.N, j0 = s.j0, j1 = s.j1;
+// Forward, row phase: anchor i against the candidates [j0, j1), one positive at a time (only
+// its own lanes), vectorised over the candidates with 8 partial sums.
+template <bool kNan, typename T>
+void forward_row(const ScanArgs<T>& s) {
+  constexpr int L = 8;
+  const int64_t a = s.i, N = s.N, j0 = s.j0, j1 = s.j1;
   const int32_t* cls = s.cls;
   const T* d = s.d;
   const T margin = s.margin;
-  const int32_t other = cls[s.i];
-  for (int k = 0; k < W; ++k) {
-    const T* dap = s.dap + k * N;
-    double* sum = s.sum + k * N;
-    int32_t* count = s.count + k * N;
-    for (int64_t j = j0; j < j1; ++j) {
-      bool on;
-      const T t = epi::batch_all_term(dap[j], d[j], margin, &on);
-      on &= cls[j] != other;
-      sum[j] += static_cast<double>(epi::keep_if(on, t));
-      count[j] += on;
+  const int32_t own = cls[a];
+  for (int k = 0; k < s.npos[a]; ++k) {
+    const T dap = s.dap[k * N + a];
+    double sum = s.sum[k * N + a];
+    int32_t count = s.count[k * N + a];
+    for (int64_t c0 = j0; c0 < j1; c0 += L * kFlushTerms) {
+      const int64_t c1 = std::min(j1, c0 + L * kFlushTerms);
+      T part[L] = {};
+      int32_t on[L] = {};
+      int64_t j = c0;
+      for (; j + L <= c1; j += L) {
+        for (int l = 0; l < L; ++l) {
+          bool active;
+          const T t = epi::batch_all_term(dap, d[j + l], margin, &active);
+          const bool neg = cls[j + l] != own;
+          part[l] += epi::keep_if(neg, t);
+          on[l] += active & neg;
+        }
+      }
+      for (; j < c1; ++j) {
+        bool active;
+        const T t = epi::batch_all_term(dap, d[j], margin, &active);
+        const bool neg = cls[j] != own;
+        part[0] += epi::keep_if(neg, t);
+        on[0] += active & neg;
+      }
+      for (int l = 0; l < L; ++l) {
+        sum += static_cast<double>(part[l]);
+        count += on[l];
+      }
     }
+    s.sum[k * N + a] = sum;
+    s.count[k * N + a] = count;
   }
   if constexpr (kNan) {
-    for (int64_t j = j0; j < j1; ++j) s.nan[j] |= cls[j] != other && epi::is_nan(d[j]);
+    bool nan = false;
+    for (int64_t j = j0; j < j1; ++j) nan |= cls[j] != own && epi::is_nan(d[j]);
+    s.nan[a] |= nan;
+  }
+}
+
+// Anchors per span of a column scan (the column chunks of upper_triangle_rows are this wide).
+constexpr int64_t kSpan = 64;
+
+// Forward, column phase: the block rows [0, b) as candidates of the anchors [j0, j1), span by
+// span, positive by positive (up to the span's most), vectorised over the anchors, with partial
+// sums per (positive, anchor) flushed every kFlushTerms rows.
+template <bool kNan, typename T>
+void forward_cols(const ScanArgs<T>& s) {
+  constexpr int K = kFusedMaxPositives;
+  const int64_t N = s.N, C = s.C;
+  const int32_t* cls = s.cls;
+  const T margin = s.margin;
+  for (int64_t j0 = s.j0; j0 < s.j1; j0 += kSpan) {
+    const int64_t n = std::min(kSpan, s.j1 - j0);
+    int P = 0;
+    for (int64_t j = 0; j < n; ++j) P = std::max(P, s.npos[j0 + j]);
+    T part[K][kSpan] = {};
+    int32_t on[K][kSpan] = {};
+    for (int64_t i = 0; i < s.b; ++i) {
+      const T* d = s.d + i * C + j0;
+      const int32_t other = cls[i];
+      for (int k = 0; k < P; ++k) {
+        const T* dap = s.dap + k * N + j0;
+        for (int64_t j = 0; j < n; ++j) {
+          bool active;
+          const T t = epi::batch_all_term(dap[j], d[j], margin, &active);
+          const bool neg = cls[j0 + j] != other;
+          part[k][j] += epi::keep_if(neg, t);
+          on[k][j] += active & neg;
+        }
+      }
+      if ((i + 1) % kFlushTerms == 0 || i + 1 == s.b) {
+        for (int k = 0; k < P; ++k) {
+          double* sum = s.sum + k * N + j0;
+          for (int64_t j = 0; j < n; ++j) {
+            sum[j] += static_cast<double>(part[k][j]);
+            part[k][j] = T(0);
+          }
+        }
+      }
+      if constexpr (kNan) {
+        for (int64_t j = 0; j < n; ++j) s.nan[j0 + j] |= cls[j0 + j] != other && epi::is_nan(d[j]);
+      }
+    }
+    for (int k = 0; k < P; ++k) {
+      int32_t* count = s.count + k * N + j0;
+      for (int64_t j = 0; j < n; ++j) count[j] += on[k][j];
+    }
   }
 }
 
@@ -311,35 +366,38 @@ void backward_row(const ScanArgs<T>& s) {
   }
 }
 
-// Backward, column phase: adds the anchors' weights to the entries the row phase wrote,
-// lane by lane over up to 64 anchors at a time (vectorised over the anchors).
-template <int W, bool kNan, typename T>
-void backward_col(const ScanArgs<T>& s) {
-  constexpr int64_t kSpan = 64;
-  const int64_t N = s.N;
+// Backward, column phase: adds the anchors' weights to the entries the row phase wrote, span by
+// span, positive by positive (up to the span's most), vectorised over the anchors.
+template <bool kNan, typename T>
+void backward_cols(const ScanArgs<T>& s) {
+  const int64_t N = s.N, C = s.C;
   const int32_t* cls = s.cls;
-  const T* d = s.d;
-  T* w = s.w;
   const T margin = s.margin, neg_g = -s.g;
-  const int32_t other = cls[s.i];
   for (int64_t j0 = s.j0; j0 < s.j1; j0 += kSpan) {
     const int64_t n = std::min(kSpan, s.j1 - j0);
-    int32_t c[kSpan] = {};  // active lanes per anchor
-    for (int k = 0; k < W; ++k) {
-      const T* dap = s.dap + k * N + j0;
-      int32_t* count = s.count + k * N + j0;
-      for (int64_t j = 0; j < n; ++j) {
-        bool active;
-        epi::batch_all_term(dap[j], d[j0 + j], margin, &active);
-        const int32_t on = active & (cls[j0 + j] != other);
-        count[j] += on;
-        c[j] += on;
+    int P = 0;
+    for (int64_t j = 0; j < n; ++j) P = std::max(P, s.npos[j0 + j]);
+    for (int64_t i = 0; i < s.b; ++i) {
+      const T* d = s.d + i * C + j0;
+      T* w = s.w + i * C + j0;
+      const int32_t other = cls[i];
+      int32_t c[kSpan] = {};  // active positives per anchor
+      for (int k = 0; k < P; ++k) {
+        const T* dap = s.dap + k * N + j0;
+        int32_t* count = s.count + k * N + j0;
+        for (int64_t j = 0; j < n; ++j) {
+          bool active;
+          epi::batch_all_term(dap[j], d[j], margin, &active);
+          const int32_t on = active & (cls[j0 + j] != other);
+          count[j] += on;
+          c[j] += on;
+        }
+      }
+      for (int64_t j = 0; j < n; ++j) w[j] += neg_g * static_cast<T>(c[j]);
+      if constexpr (kNan) {
+        for (int64_t j = 0; j < n; ++j) s.nan[j0 + j] |= cls[j0 + j] != other && epi::is_nan(d[j]);
       }
     }
-    for (int64_t j = 0; j < n; ++j) w[j0 + j] += neg_g * static_cast<T>(c[j]);
-  }
-  if constexpr (kNan) {
-    for (int64_t j = s.j0; j < s.j1; ++j) s.nan[j] |= cls[j] != other && epi::is_nan(d[j]);
   }
 }
 
@@ -347,15 +405,15 @@ void backward_col(const ScanArgs<T>& s) {
 template <typename T>
 struct Scans {
   using Fn = void (*)(const ScanArgs<T>&);
-  Fn row, col;
+  Fn row, cols;
 };
 
 template <bool kForward, int W, bool kNan, typename T>
 Scans<T> scans_for() {
   if constexpr (kForward) {
-    return {&forward_row<W, kNan, T>, &forward_col<W, kNan, T>};
+    return {&forward_row<kNan, T>, &forward_cols<kNan, T>};
   } else {
-    return {&backward_row<W, kNan, T>, &backward_col<W, kNan, T>};
+    return {&backward_row<W, kNan, T>, &backward_cols<kNan, T>};
   }
 }
 
@@ -373,13 +431,12 @@ Scans<T> pick_scans(const BatchAllLanes<T>& l) {
 
 template <typename T>
 ScanArgs<T> scan_args(BatchAllLanes<T>& l, int64_t r0, T margin, T g) {
-  ScanArgs<T> s;
+  ScanArgs<T> s{};
   s.cls = l.cls.data() + r0;
-  s.d = nullptr;
-  s.i = s.j0 = s.j1 = 0;
+  s.npos = l.npos.data() + r0;
+  s.C = l.N - r0;
   s.margin = margin;
   s.g = g;
-  s.w = nullptr;
   s.N = l.N;
   s.dap = l.dap.data() + r0;
   s.sum = l.sum.empty() ? nullptr : l.sum.data() + r0;
@@ -388,31 +445,30 @@ ScanArgs<T> scan_args(BatchAllLanes<T>& l, int64_t r0, T margin, T g) {
   return s;
 }
 
-// Runs the row and column scans over the upper-triangle blocks; w_row(r0, i) is the weight
-// row of block row i (backward) or nullptr.
-template <typename T, Metric M, typename BeforeBlock, typename WeightRow, typename AfterBlock>
+// Runs the row and column scans over the upper-triangle blocks; weights(r0) is the block's
+// weight matrix (backward) or nullptr.
+template <typename T, Metric M, typename BeforeBlock, typename Weights, typename AfterBlock>
 void scan_pass(const Prepared& p, BatchAllLanes<T>& l, const Scans<T>& scan, T margin, T g,
-               int64_t bytes_per_elem, BeforeBlock&& before_block, WeightRow&& w_row,
+               int64_t bytes_per_elem, BeforeBlock&& before_block, Weights&& weights,
                AfterBlock&& after_block) {
-  const int64_t N = p.rows();
   upper_triangle_rows<T, M>(
       p, bytes_per_elem, before_block,
       [&](int64_t r0, int64_t i, const T* d) {
         ScanArgs<T> s = scan_args(l, r0, margin, g);
         s.d = d;
-        s.w = w_row(r0, i);
+        s.w = weights(r0) == nullptr ? nullptr : weights(r0) + i * s.C;
         s.i = i;
-        s.j1 = N - r0;
+        s.j1 = s.C;
         scan.row(s);
       },
-      [&](int64_t r0, int64_t i, int64_t j0, int64_t j1, const T* d) {
+      [&](int64_t r0, int64_t b, int64_t j0, int64_t j1, const T* d) {
         ScanArgs<T> s = scan_args(l, r0, margin, g);
         s.d = d;
-        s.w = w_row(r0, i);
-        s.i = i;
+        s.w = weights(r0);
+        s.b = b;
         s.j0 = j0;
         s.j1 = j1;
-        scan.col(s);
+        scan.cols(s);
       },
       after_block);
 }
@@ -431,7 +487,7 @@ RowTotals fused_forward(const Prepared& p, const Positives<T>& pos, T margin) {
   BatchAllLanes<T> l = make_lanes(p, pos, /*forward=*/true);
   const auto none = [](int64_t, int64_t, at::Tensor&) {};
   scan_pass<T, M>(p, l, pick_scans</*kForward=*/true>(l), margin, T(0), sizeof(T), none,
-                  [](int64_t, int64_t) -> T* { return nullptr; }, none);
+                  [](int64_t) -> T* { return nullptr; }, none);
   const int64_t W = l.W;
   RowTotals total;
   bool nan = false;
@@ -472,7 +528,7 @@ at::Tensor fused_backward(const Prepared& p, const Positives<T>& pos, T margin, 
         Wt = at::empty_like(dist);
         wp = Wt.data_ptr<T>();
       },
-      [&](int64_t r0, int64_t i) { return wp + i * (N - r0); },
+      [&](int64_t) { return wp; },
       [&](int64_t r0, int64_t, at::Tensor& dist) {
         accumulate_distance_grad(Wt, dist, p, r0, p, r0, M, grad, grad);
       });
