@@ -230,15 +230,14 @@ struct ScanArgs {
 constexpr int64_t kFlushTerms = 64;
 
 // Forward, row phase: anchor i against the candidates [j0, j1), one positive at a time (only
-// its own lanes), vectorised over the candidates with 8 partial sums.
+// its own lanes), vectorised over the candidates with 8 partial sums. The entries of the
+// anchor's own class hold +inf (mask_own_class): never active, no label test.
 template <bool kNan, typename T>
 void forward_row(const ScanArgs<T>& s) {
   constexpr int L = 8;
   const int64_t a = s.i, N = s.N, j0 = s.j0, j1 = s.j1;
-  const int32_t* cls = s.cls;
   const T* d = s.d;
   const T margin = s.margin;
-  const int32_t own = cls[a];
   for (int k = 0; k < s.npos[a]; ++k) {
     const T dap = s.dap[k * N + a];
     double sum = s.sum[k * N + a];
@@ -251,18 +250,14 @@ void forward_row(const ScanArgs<T>& s) {
       for (; j + L <= c1; j += L) {
         for (int l = 0; l < L; ++l) {
           bool active;
-          const T t = epi::batch_all_term(dap, d[j + l], margin, &active);
-          const bool neg = cls[j + l] != own;
-          part[l] += epi::keep_if(neg, t);
-          on[l] += active & neg;
+          part[l] += epi::batch_all_term(dap, d[j + l], margin, &active);
+          on[l] += active;
         }
       }
       for (; j < c1; ++j) {
         bool active;
-        const T t = epi::batch_all_term(dap, d[j], margin, &active);
-        const bool neg = cls[j] != own;
-        part[0] += epi::keep_if(neg, t);
-        on[0] += active & neg;
+        part[0] += epi::batch_all_term(dap, d[j], margin, &active);
+        on[0] += active;
       }
       for (int l = 0; l < L; ++l) {
         sum += static_cast<double>(part[l]);
@@ -274,7 +269,7 @@ void forward_row(const ScanArgs<T>& s) {
   }
   if constexpr (kNan) {
     bool nan = false;
-    for (int64_t j = j0; j < j1; ++j) nan |= cls[j] != own && epi::is_nan(d[j]);
+    for (int64_t j = j0; j < j1; ++j) nan |= epi::is_nan(d[j]);
     s.nan[a] |= nan;
   }
 }
@@ -283,13 +278,13 @@ void forward_row(const ScanArgs<T>& s) {
 constexpr int64_t kSpan = 64;
 
 // Forward, column phase: the block rows [0, b) as candidates of the anchors [j0, j1), span by
-// span, positive by positive (up to the span's most), vectorised over the anchors, with partial
-// sums per (positive, anchor) flushed every kFlushTerms rows.
+// span, positive by positive (up to the span's most), vectorised over the anchors, two rows at
+// a time into partial sums per (positive, anchor), flushed every kFlushTerms rows. Own-class
+// entries hold +inf, as in the row phase.
 template <bool kNan, typename T>
 void forward_cols(const ScanArgs<T>& s) {
   constexpr int K = kFusedMaxPositives;
-  const int64_t N = s.N, C = s.C;
-  const int32_t* cls = s.cls;
+  const int64_t N = s.N, C = s.C, b = s.b;
   const T margin = s.margin;
   for (int64_t j0 = s.j0; j0 < s.j1; j0 += kSpan) {
     const int64_t n = std::min(kSpan, s.j1 - j0);
@@ -297,30 +292,43 @@ void forward_cols(const ScanArgs<T>& s) {
     for (int64_t j = 0; j < n; ++j) P = std::max(P, s.npos[j0 + j]);
     T part[K][kSpan] = {};
     int32_t on[K][kSpan] = {};
-    for (int64_t i = 0; i < s.b; ++i) {
-      const T* d = s.d + i * C + j0;
-      const int32_t other = cls[i];
+    for (int64_t i0 = 0; i0 < b; i0 += kFlushTerms) {
+      const int64_t i1 = std::min(b, i0 + kFlushTerms);
       for (int k = 0; k < P; ++k) {
         const T* dap = s.dap + k * N + j0;
-        for (int64_t j = 0; j < n; ++j) {
-          bool active;
-          const T t = epi::batch_all_term(dap[j], d[j], margin, &active);
-          const bool neg = cls[j0 + j] != other;
-          part[k][j] += epi::keep_if(neg, t);
-          on[k][j] += active & neg;
-        }
-      }
-      if ((i + 1) % kFlushTerms == 0 || i + 1 == s.b) {
-        for (int k = 0; k < P; ++k) {
-          double* sum = s.sum + k * N + j0;
+        T* pk = part[k];
+        int32_t* ok = on[k];
+        int64_t i = i0;
+        for (; i + 2 <= i1; i += 2) {
+          const T* d0 = s.d + i * C + j0;
+          const T* d1 = d0 + C;
           for (int64_t j = 0; j < n; ++j) {
-            sum[j] += static_cast<double>(part[k][j]);
-            part[k][j] = T(0);
+            bool a0, a1;
+            const T t0 = epi::batch_all_term(dap[j], d0[j], margin, &a0);
+            const T t1 = epi::batch_all_term(dap[j], d1[j], margin, &a1);
+            pk[j] += t0 + t1;
+            ok[j] += int32_t(a0) + int32_t(a1);
           }
+        }
+        if (i < i1) {
+          const T* d0 = s.d + i * C + j0;
+          for (int64_t j = 0; j < n; ++j) {
+            bool a0;
+            pk[j] += epi::batch_all_term(dap[j], d0[j], margin, &a0);
+            ok[j] += a0;
+          }
+        }
+        double* sum = s.sum + k * N + j0;
+        for (int64_t j = 0; j < n; ++j) {
+          sum[j] += static_cast<double>(pk[j]);
+          pk[j] = T(0);
         }
       }
       if constexpr (kNan) {
-        for (int64_t j = 0; j < n; ++j) s.nan[j0 + j] |= cls[j0 + j] != other && epi::is_nan(d[j]);
+        for (int64_t i = i0; i < i1; ++i) {
+          const T* d = s.d + i * C + j0;
+          for (int64_t j = 0; j < n; ++j) s.nan[j0 + j] |= epi::is_nan(d[j]);
+        }
       }
     }
     for (int k = 0; k < P; ++k) {
@@ -481,13 +489,34 @@ bool row_is_nan(const Positives<T>& pos, const BatchAllLanes<T>& l, int64_t a) {
   return nan;
 }
 
+// The forward's block, (b, N - r0) from row r0: each row's own entry and its positives' set to
+// +inf, so that the forward scans need no label test (a +inf negative is never active; the
+// positives' distances, and whether they are NaN, come from Positives).
+template <typename T>
+void mask_own_class(const Positives<T>& pos, int64_t r0, int64_t b, at::Tensor& dist) {
+  constexpr int K = kFusedMaxPositives;
+  const int64_t C = pos.N - r0;
+  T* dp = dist.data_ptr<T>();
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t a = r0 + i;
+    T* row = dp + i * C;
+    row[i] = epi::infinity<T>();
+    for (int k = 0; k < pos.count[a]; ++k) {
+      const int64_t q = pos.idx[a * K + k];
+      if (q >= r0) row[q - r0] = epi::infinity<T>();
+    }
+  }
+}
+
 template <typename T, Metric M>
 RowTotals fused_forward(const Prepared& p, const Positives<T>& pos, T margin) {
   const int64_t N = p.rows();
   BatchAllLanes<T> l = make_lanes(p, pos, /*forward=*/true);
   const auto none = [](int64_t, int64_t, at::Tensor&) {};
-  scan_pass<T, M>(p, l, pick_scans</*kForward=*/true>(l), margin, T(0), sizeof(T), none,
-                  [](int64_t) -> T* { return nullptr; }, none);
+  scan_pass<T, M>(
+      p, l, pick_scans</*kForward=*/true>(l), margin, T(0), sizeof(T),
+      [&](int64_t r0, int64_t b, at::Tensor& dist) { mask_own_class(pos, r0, b, dist); },
+      [](int64_t) -> T* { return nullptr; }, none);
   const int64_t W = l.W;
   RowTotals total;
   bool nan = false;
