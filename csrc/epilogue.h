@@ -25,7 +25,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common.h"
 
@@ -195,22 +197,69 @@ struct ArgNearest {
 
 // ------------------------------------------------------------------------ loss terms
 
-// Batch all, one (anchor, negative) pair against the anchor's P positive distances d_ap:
-// adds sum_k relu(d_ap[k] - d_an + margin) to *sum and the number of active terms to
-// *active. Branch-free over k (d_an against d_ap is a coin flip no predictor learns).
+// x where keep, else +0, as a bit mask rather than a select: compilers turn a select on a
+// float comparison into a branch (x86 without AVX), and the comparison here is a coin flip no
+// predictor learns; the mask keeps the lane loops below branch-free and vectorisable.
+template <typename T>
+TC_HOST_DEVICE inline T keep_if(bool keep, T x) {
+  using Bits = typename std::conditional<sizeof(T) == 8, uint64_t, uint32_t>::type;
+  static_assert(sizeof(Bits) == sizeof(T), "keep_if: float32 or float64");
+  Bits b;
+  memcpy(&b, &x, sizeof b);
+  b &= Bits(0) - static_cast<Bits>(keep);
+  memcpy(&x, &b, sizeof b);
+  return x;
+}
+
+// Batch all, one triplet: the term relu(d_ap - d_an + margin) (+0 when inactive) and, in
+// *active, whether it is active: d_ap - d_an + margin > 0, evaluated in T. A NaN term is
+// inactive and adds 0: the NaN rule is the caller's (a NaN anywhere in the anchor's row makes
+// its loss NaN). Branch-free (keep_if), so loops over it vectorise.
+template <typename T>
+TC_HOST_DEVICE inline T batch_all_term(T d_ap, T d_an, T margin, bool* active) {
+  const T t = d_ap - d_an + margin;
+  *active = t > T(0);
+  return keep_if(*active, t);
+}
+
+// One (anchor, negative) pair against the anchor's P positive distances d_ap: adds the sum of
+// its terms to *sum and the number of active ones to *active.
 template <typename T, typename Acc>
 TC_HOST_DEVICE inline void batch_all_negative(const T* d_ap, int P, T d_an, T margin, Acc* sum,
                                               int64_t* active) {
   Acc s = 0;
   int64_t c = 0;
   for (int k = 0; k < P; ++k) {
-    const T t = d_ap[k] - d_an + margin;
-    const bool on = t > T(0);
-    s += on ? static_cast<Acc>(t) : Acc(0);
+    bool on;
+    s += static_cast<Acc>(batch_all_term(d_ap[k], d_an, margin, &on));
     c += on;
   }
   *sum += s;
   *active += c;
+}
+
+// The same scan in W fixed lanes, vectorisable over the positives: the anchor's positive
+// distances fill lanes [0, P) of d_ap and the others hold batch_all_pad() (-inf: the term is
+// -inf or NaN, never active, and adds 0), so the loop has a fixed trip count and no mask.
+// Lane k's term goes to sum[k] and its activity to count[k] (per-lane accumulators: no
+// reassociation, so the compiler may vectorise without changing a bit); returns the number
+// of active lanes (the pair's weight in the backward is -g times it).
+template <typename T>
+TC_HOST_DEVICE inline T batch_all_pad() {
+  return -infinity<T>();
+}
+
+template <int W, typename T, typename Acc>
+TC_HOST_DEVICE inline int batch_all_lanes(const T* d_ap, T d_an, T margin, Acc* sum,
+                                          int32_t* count) {
+  int c = 0;
+  for (int k = 0; k < W; ++k) {
+    bool on;
+    sum[k] += static_cast<Acc>(batch_all_term(d_ap[k], d_an, margin, &on));
+    count[k] += on;
+    c += on;
+  }
+  return c;
 }
 
 // Semi hard, one negative candidate (d_an, j) against positive k's running choices: the

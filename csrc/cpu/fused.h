@@ -91,48 +91,70 @@ Positives<T> collect_positives(const Prepared& p, const int64_t* lab) {
   return r;
 }
 
-// Runs the upper-triangle pass over for_each_upper_block: visit(anchor, candidate, distance,
-// e) is called for every ordered (anchor, negative candidate) pair exactly once (labels
-// differ), from the thread that owns the anchor in that phase; e is the pair's offset in the
-// (b, N - r0) block (the block's rows visit (i, j) as anchor r0 + i, the later candidates as
-// anchor r0 + j). before_block(r0, b, dist) runs before a block's visits, after_block(r0, b,
-// dist) once both of its phases are done.
-template <typename T, Metric M, typename BeforeBlock, typename Visit, typename AfterBlock>
-void upper_triangle_pass(const Prepared& p, const int64_t* lab, int64_t bytes_per_elem,
-                         BeforeBlock&& before_block, Visit&& visit, AfterBlock&& after_block) {
+// The upper-triangle pass over for_each_upper_block, whole rows at a time (for scans that
+// vectorise along a row). For each block [r0, r0 + b) against candidates [r0, N), C = N - r0,
+// dist row-major (b, C):
+//   before_block(r0, b, dist);
+//   row(r0, i, d): block row i, anchor r0 + i, against every candidate r0 + j, j in [0, C),
+//     at d[j] (its own entry and its class members included: the caller skips them);
+//   cols(r0, b, j0, j1, d): the candidates beyond the block in column chunks: every block row
+//     i in [0, b) is a candidate of the anchors r0 + j, j in [j0, j1) (j0 >= b), at d[i * C + j];
+//   after_block(r0, b, dist) once both phases are done.
+// Every ordered pair (anchor, candidate != anchor) is seen once, from the thread that owns the
+// anchor in that phase (rows split across threads, then column chunks), in a fixed order per
+// anchor (block, then row) whatever the thread count.
+template <typename T, Metric M, typename BeforeBlock, typename Row, typename Cols,
+          typename AfterBlock>
+void upper_triangle_rows(const Prepared& p, int64_t bytes_per_elem, BeforeBlock&& before_block,
+                         Row&& row, Cols&& cols, AfterBlock&& after_block) {
   const int64_t N = p.rows();
   constexpr int64_t kColChunk = 64;
   for_each_upper_block(p, M, bytes_per_elem, [&](int64_t r0, int64_t b, at::Tensor& dist) {
     before_block(r0, b, dist);
     const int64_t C = N - r0;
     const T* dp = dist.data_ptr<T>();
-    // The block's rows: every candidate of [r0, N).
     at::parallel_for(0, b, row_grain(C), [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t a = r0 + i;
-        const T* d = dp + i * C;
-        for (int64_t j = 0; j < C; ++j) {
-          if (lab[r0 + j] != lab[a]) visit(a, r0 + j, d[j], i * C + j);
-        }
-      }
+      for (int64_t i = lo; i < hi; ++i) row(r0, i, dp + i * C);
     });
-    // The candidates beyond the block: the block's rows, column chunk by column chunk.
     const int64_t chunks = (C - b + kColChunk - 1) / kColChunk;
     at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(b * kColChunk)),
                      [&](int64_t lo, int64_t hi) {
                        for (int64_t q = lo; q < hi; ++q) {
-                         const int64_t j0 = b + q * kColChunk, j1 = std::min(C, j0 + kColChunk);
-                         for (int64_t i = 0; i < b; ++i) {
-                           const int64_t a = r0 + i;
-                           const T* d = dp + i * C;
-                           for (int64_t j = j0; j < j1; ++j) {
-                             if (lab[r0 + j] != lab[a]) visit(r0 + j, a, d[j], i * C + j);
-                           }
-                         }
+                         const int64_t j0 = b + q * kColChunk;
+                         cols(r0, b, j0, std::min(C, j0 + kColChunk), dp);
                        }
                      });
     after_block(r0, b, dist);
   });
+}
+
+// upper_triangle_rows pair by pair: visit(anchor, candidate, distance, e) for every ordered
+// (anchor, negative candidate) pair exactly once (labels differ); e is the pair's offset in the
+// (b, N - r0) block (the block's rows visit (i, j) as anchor r0 + i, the later candidates as
+// anchor r0 + j).
+template <typename T, Metric M, typename BeforeBlock, typename Visit, typename AfterBlock>
+void upper_triangle_pass(const Prepared& p, const int64_t* lab, int64_t bytes_per_elem,
+                         BeforeBlock&& before_block, Visit&& visit, AfterBlock&& after_block) {
+  const int64_t N = p.rows();
+  upper_triangle_rows<T, M>(
+      p, bytes_per_elem, before_block,
+      [&](int64_t r0, int64_t i, const T* d) {
+        const int64_t a = r0 + i, C = N - r0;
+        for (int64_t j = 0; j < C; ++j) {
+          if (lab[r0 + j] != lab[a]) visit(a, r0 + j, d[j], i * (N - r0) + j);
+        }
+      },
+      [&](int64_t r0, int64_t b, int64_t j0, int64_t j1, const T* dist) {
+        const int64_t C = N - r0;
+        for (int64_t i = 0; i < b; ++i) {
+          const int64_t a = r0 + i;
+          const T* d = dist + i * C;
+          for (int64_t j = j0; j < j1; ++j) {
+            if (lab[r0 + j] != lab[a]) visit(r0 + j, a, d[j], i * C + j);
+          }
+        }
+      },
+      after_block);
 }
 
 template <typename T, Metric M, typename Visit>
