@@ -188,12 +188,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_hinge_cud
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
     const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
-    const int64_t R = chunk_rows(N, static_cast<int64_t>(sizeof(acc_t)));
+    const int64_t R = chunk_rows(N, N, static_cast<int64_t>(sizeof(acc_t)));
     const epi::HingeTerms<acc_t> terms{static_cast<acc_t>(pos_margin),
                                        static_cast<acc_t>(neg_margin)};
     TC_METRIC_SWITCH(metric, kM, [&] {
       for_each_distance_chunk<scalar_t, acc_t, kM>(
-          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
+          x, st, x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
             hinge_rows_kernel<acc_t, false><<<grid_1d(r), kRowThreads, 0, stream>>>(
                 Dc.data_ptr<acc_t>(), lab.data_ptr<int64_t>(), N, i0, terms,
                 pos.loss.data_ptr<double>(), pos.positive.data_ptr<int64_t>(),
@@ -233,20 +233,20 @@ at::Tensor contrastive_hinge_backward_cuda(const at::Tensor& grad_pos_sum,
     const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     const at::Tensor stats = compute_row_stats<scalar_t, acc_t>(x, stream);
     const RowStats<acc_t> st = row_stats_view<acc_t>(stats);
-    const int64_t R = chunk_rows(N, 2 * static_cast<int64_t>(sizeof(acc_t)));
+    const int64_t R = chunk_rows(N, N, 2 * static_cast<int64_t>(sizeof(acc_t)));
     const epi::HingeTerms<acc_t> terms{static_cast<acc_t>(pos_margin),
                                        static_cast<acc_t>(neg_margin)};
     at::Tensor G = at::zeros({N, D}, acc_options);
     TC_METRIC_SWITCH(metric, kM, [&] {
       for_each_distance_chunk<scalar_t, acc_t, kM>(
-          x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
+          x, st, x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
             at::Tensor Wc = at::empty({r, N}, acc_options);
             hinge_rows_kernel<acc_t, true><<<grid_1d(r), kRowThreads, 0, stream>>>(
                 Dc.data_ptr<acc_t>(), lab.data_ptr<int64_t>(), N, i0, terms, nullptr, nullptr,
                 nullptr, nullptr, nullptr, gp.data_ptr<acc_t>(), gn.data_ptr<acc_t>(),
                 Wc.data_ptr<acc_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
-            add_chunk_grad<scalar_t, acc_t, kM>(Wc, Dc, x, st, i0, r, G, stream);
+            add_chunk_grad<scalar_t, acc_t, kM>(Wc, Dc, x, st, x, st, i0, r, G, &G, stream);
           });
     });
     result = finish_grad<scalar_t, acc_t>(G, at::ones(at::IntArrayRef{}, acc_options), x, stream);
