@@ -76,3 +76,22 @@ def test_mine_triplets_refuses_what_cannot_fit():
     # the same labels are fine for batch hard (N triplets)
     a, _, _ = tc.mine_triplets(x[:1000], labels[:1000], strategy="batch_hard")
     assert a.shape == (1000,)
+
+
+@pytest.mark.parametrize("self_index", [None, 0])
+def test_mine_triplets_refuses_what_cannot_fit_against_a_reference_set(self_index):
+    # 64 anchors against 2^17 reference rows in two classes: 64 * P * Q triplets, P = 2^16
+    # positives (less the anchor's own row when the anchors are reference rows 0..63), Q = 2^16
+    m, n = 1 << 17, 64
+    ref = torch.zeros(m, 1)
+    ref_labels = torch.arange(m) % 2
+    x, labels = ref[:n], ref_labels[:n]
+    p = (m // 2) - (1 if self_index is not None else 0)
+    total = n * p * (m // 2)
+    with pytest.raises(ValueError, match=rf"mine_triplets\(strategy='batch_all'\) would return {total} triplets"):
+        tc.mine_triplets(x, labels, strategy="batch_all", ref_embeddings=ref, ref_labels=ref_labels,
+                         ref_self_index=self_index)
+    # semi hard: one triplet per (anchor, positive), which fits
+    a, pos, _ = tc.mine_triplets(x[:3], labels[:3], strategy="semi_hard", ref_embeddings=ref[:50],
+                                 ref_labels=ref_labels[:50], ref_self_index=self_index)
+    assert a.numel() == 3 * (25 - (1 if self_index is not None else 0))

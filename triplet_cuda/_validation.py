@@ -98,15 +98,29 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_triplets_fit(labels: torch.Tensor, strategy: str) -> None:
+def check_triplets_fit(labels: torch.Tensor, strategy: str, ref_labels: torch.Tensor | None = None,
+                       self_index: torch.Tensor | None = None) -> None:
     """mine_triplets returns three int64 tensors of T triplets: refuse when they cannot fit in the
-    device's memory (batch all has sum_a (c_a - 1)(N - c_a) triplets, cubic in N)."""
+    device's memory (batch all has sum_a P_a Q_a triplets, cubic in N: P_a positives and Q_a
+    negatives of anchor a in the batch, or in the reference set ``ref_labels`` with the anchor's
+    own row ``self_index`` (-1: none) left out)."""
     if strategy == "batch_hard" or torch.compiler.is_compiling() or labels.numel() == 0:
         return
-    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    c = counts[inverse].double()
     n = labels.numel()
-    per_anchor = (c - 1) * (n - c) if strategy == "batch_all" else (c - 1) * (c < n)
+    if ref_labels is None:
+        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        c = counts[inverse].double()
+        pos, neg = c - 1, n - c
+    else:
+        lab, cand = labels.long(), ref_labels.long()
+        values, counts = torch.unique(cand, return_counts=True)
+        if values.numel() == 0:
+            return  # an empty reference set: no triplet
+        at = torch.searchsorted(values, lab).clamp_max(values.numel() - 1)
+        c = torch.where(values[at] == lab, counts[at], torch.zeros_like(counts[at])).double()
+        own = (self_index >= 0) & (cand[self_index.clamp_min(0)] == lab) if self_index is not None else False
+        pos, neg = c - torch.as_tensor(own, dtype=torch.float64, device=c.device), cand.numel() - c
+    per_anchor = pos * neg if strategy == "batch_all" else pos * (neg > 0)
     total = int(per_anchor.sum().item())
     need = 3 * 8 * total
     have = device_memory_bytes(labels.device)

@@ -696,6 +696,7 @@ def mine_triplets(
     v.check_choice(strategy, "strategy", STRATEGIES)
     ref = v.check_reference_set(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
     if ref is not None:
+        v.check_triplets_fit(labels, strategy, ref[1], ref[2])
         with torch.no_grad():
             return tuple(ops.mine_triplets_ref(embeddings, labels, *ref, STRATEGIES[strategy], code))
     v.check_triplets_fit(labels, strategy)
