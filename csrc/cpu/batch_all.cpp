@@ -544,7 +544,7 @@ template <typename T, Metric M>
 at::Tensor fused_backward(const Prepared& p, const Positives<T>& pos, T margin, T g) {
   const int64_t N = p.rows(), D = p.e.size(1);
   constexpr int K = kFusedMaxPositives;
-  at::Tensor grad = at::zeros_like(p.e);
+  at::Tensor grad = zeros_like(p.e);
   BatchAllLanes<T> l = make_lanes(p, pos, /*forward=*/false);
   at::Tensor Wt;  // the current block's weights, (b, N - r0)
   T* wp = nullptr;
@@ -555,7 +555,7 @@ at::Tensor fused_backward(const Prepared& p, const Positives<T>& pos, T margin, 
   scan_pass<T, M>(
       p, l, pick_scans</*kForward=*/false>(l), margin, g, 2 * sizeof(T),
       [&](int64_t, int64_t, at::Tensor& dist) {
-        Wt = at::empty_like(dist);
+        Wt = empty_like(dist);
         wp = Wt.data_ptr<T>();
       },
       [&](int64_t) { return wp; },

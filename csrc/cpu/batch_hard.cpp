@@ -2,8 +2,6 @@
 // then the mined distances recomputed exactly; backward touches only the mined pairs.
 #include "batch_hard.h"
 
-#include <ATen/ops/full.h>
-#include <ATen/ops/zeros.h>
 #include "ops_cpu.h"
 
 #include <limits>
@@ -89,8 +87,8 @@ void mine_rows(const Prepared& p, const int64_t* lab, T* pd, int64_t* pi, T* nd,
 HardMined mine_batch_hard(const Prepared& p, const at::Tensor& labels, Metric metric) {
   const int64_t N = p.rows();
   const auto idx_opts = p.e.options().dtype(at::kLong);
-  HardMined r{at::zeros({N}, p.e.options()), at::full({N}, -1, idx_opts),
-              at::zeros({N}, p.e.options()), at::full({N}, -1, idx_opts)};
+  HardMined r{zeros({N}, p.e.options()), full({N}, -1, idx_opts),
+              zeros({N}, p.e.options()), full({N}, -1, idx_opts)};
   if (N == 0) return r;
   AT_DISPATCH_FLOATING_TYPES(p.e.scalar_type(), "batch_hard_mine", [&] {
     TC_METRIC_SWITCH(metric, kM, [&] {
@@ -138,8 +136,8 @@ HardMined mine_batch_hard_ref(const Prepared& x, const Prepared& y, const RowLab
                               Metric metric) {
   const int64_t N = x.rows();
   const auto idx_opts = x.e.options().dtype(at::kLong);
-  HardMined r{at::zeros({N}, x.e.options()), at::full({N}, -1, idx_opts),
-              at::zeros({N}, x.e.options()), at::full({N}, -1, idx_opts)};
+  HardMined r{zeros({N}, x.e.options()), full({N}, -1, idx_opts),
+              zeros({N}, x.e.options()), full({N}, -1, idx_opts)};
   if (N == 0 || y.rows() == 0) return r;
   AT_DISPATCH_FLOATING_TYPES(x.e.scalar_type(), "batch_hard_mine_ref", [&] {
     TC_METRIC_SWITCH(metric, kM, [&] {
@@ -243,7 +241,7 @@ at::Tensor batch_hard_mine_backward_cpu(const at::Tensor& grad_pos_dist,
   const int64_t N = embeddings.size(0);
   const Metric m = static_cast<Metric>(metric);
   const Prepared p = prepare(embeddings, m);
-  at::Tensor grad = at::zeros_like(p.e);
+  at::Tensor grad = zeros_like(p.e);
   if (N == 0) return grad.to(embeddings.scalar_type());
   const auto acc = p.e.scalar_type();
   const at::Tensor gp = grad_pos_dist.to(acc).contiguous(), gn = grad_neg_dist.to(acc).contiguous();
@@ -346,11 +344,11 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_mine_ref_backward_cpu(
   const int64_t N = embeddings.size(0), Mc = ref.size(0);
   const Metric m = static_cast<Metric>(metric);
   const Prepared px = prepare(embeddings, m), py = prepare(ref, m);
-  at::Tensor gx = at::zeros_like(px.e);
-  at::Tensor gy = ref_grad ? at::zeros_like(py.e) : at::Tensor();
+  at::Tensor gx = zeros_like(px.e);
+  at::Tensor gy = ref_grad ? zeros_like(py.e) : at::Tensor();
   auto result = [&] {
     return std::make_tuple(gx.to(embeddings.scalar_type()),
-                           ref_grad ? gy.to(ref.scalar_type()) : at::zeros({0}, ref.options()));
+                           ref_grad ? gy.to(ref.scalar_type()) : zeros({0}, ref.options()));
   };
   if (N == 0) return result();
   const auto acc = px.e.scalar_type();

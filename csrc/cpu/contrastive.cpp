@@ -16,9 +16,6 @@
 // order), fixed lanes within a row; nothing depends on the thread count.
 #include "ops_cpu.h"
 
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <limits>
@@ -112,13 +109,13 @@ Totals contrastive_pass(const Prepared& p, const int64_t* l, const Terms& terms,
   for (int64_t r0 = 0; r0 < N; r0 += B) {
     const int64_t b = std::min(B, N - r0), C = N - r0;
     const at::Tensor xr = p.e.narrow(0, r0, b), xc = p.e.narrow(0, r0, C);
-    at::Tensor G = at::mm(xr, xc.t());  // (b, C) dot products, then coefficients
+    at::Tensor G = xr.mm(xc.t());  // (b, C) dot products, then coefficients
     T* gp = G.data_ptr<T>();
     const int64_t chunks = (b + kChunk - 1) / kChunk, tasks = (chunks + 1) / 2;
     at::Tensor colpart, rowq;  // per task column sums, per row sums of the self coefficients
     if constexpr (kGrad) {
-      colpart = at::zeros({tasks, C}, p.e.options());
-      rowq = at::empty({b}, p.e.options());
+      colpart = zeros({tasks, C}, p.e.options());
+      rowq = empty({b}, p.e.options());
     }
     const T* sqc = sq + r0;
     const T* invc = inv + r0;
@@ -190,7 +187,7 @@ Totals contrastive_pass(const Prepared& p, const int64_t* l, const Terms& terms,
     });
     if constexpr (kGrad) {
       // column sums of the self coefficients, the task partials added in task order
-      at::Tensor colq = at::empty({C}, p.e.options());
+      at::Tensor colq = empty({C}, p.e.options());
       const T* cpp = colpart.data_ptr<T>();
       T* cq = colq.data_ptr<T>();
       at::parallel_for(0, C, 4096, [&](int64_t j0, int64_t j1) {
@@ -201,10 +198,10 @@ Totals contrastive_pass(const Prepared& p, const int64_t* l, const Terms& terms,
         }
       });
       at::Tensor gx = grad->narrow(0, r0, b);
-      gx.addcmul_((rowq * p.scale.narrow(0, r0, b)).unsqueeze(1), xr);
+      gx.addcmul_(rowq.mul(p.scale.narrow(0, r0, b)).unsqueeze(1), xr);
       gx.addmm_(G, xc);
       at::Tensor gy = grad->narrow(0, r0, C);
-      gy.addcmul_((colq * p.scale.narrow(0, r0, C)).unsqueeze(1), xc);
+      gy.addcmul_(colq.mul(p.scale.narrow(0, r0, C)).unsqueeze(1), xc);
       gy.addmm_(G.t(), xr);
     }
   }
@@ -223,7 +220,7 @@ std::pair<Totals, at::Tensor> run(const at::Tensor& embeddings, const at::Tensor
   const at::Tensor lab = check_batch(embeddings, labels, metric);
   const Prepared p = prepare(embeddings, static_cast<Metric>(metric));
   Totals total;
-  at::Tensor grad = kGrad ? at::zeros_like(p.e) : at::Tensor();
+  at::Tensor grad = kGrad ? zeros_like(p.e) : at::Tensor();
   if (p.rows() < 2) return {total, grad};  // no pair: a 0 gradient, not 0 * NaN via the GEMMs
   AT_DISPATCH_FLOATING_TYPES(p.e.scalar_type(), "contrastive", [&] {
     TC_METRIC_SWITCH(metric, kM, [&] {

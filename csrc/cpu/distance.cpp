@@ -1,10 +1,6 @@
 // CPU distance blocks and their gradient (see distance.h).
 #include "distance.h"
 
-#include <ATen/ops/mm.h>
-#include <ATen/ops/ones_like.h>
-#include <ATen/ops/where.h>
-
 #include <cstdlib>
 
 namespace triplet_cuda {
@@ -22,10 +18,10 @@ Prepared prepare(const at::Tensor& x, Metric metric) {
   if (metric == Metric::kCosine) {
     const double eps2 = kCosineEps * kCosineEps;
     // 1 / ||e||^2 above eps^2, 0 below; NaN stays NaN (the NaN rule)
-    p.scale = at::where(p.sqnorm > eps2, p.sqnorm.reciprocal(),
-                        at::where(p.sqnorm.isnan(), p.sqnorm, at::zeros_like(p.sqnorm)));
+    p.scale = p.sqnorm.reciprocal().where(p.sqnorm.gt(eps2),
+                                          p.sqnorm.where(p.sqnorm.isnan(), zeros_like(p.sqnorm)));
   } else {
-    p.scale = at::ones_like(p.sqnorm);
+    p.scale = p.sqnorm.new_ones(p.sqnorm.sizes());
   }
   return p;
 }
@@ -81,7 +77,7 @@ void dot_to_distance(at::Tensor& G, const Prepared& x, int64_t r0, const Prepare
 
 at::Tensor distance_block(const Prepared& x, int64_t r0, int64_t B, const Prepared& y, int64_t c0,
                           int64_t C, Metric metric) {
-  at::Tensor G = at::mm(x.e.narrow(0, r0, B), y.e.narrow(0, c0, C).t());
+  at::Tensor G = x.e.narrow(0, r0, B).mm(y.e.narrow(0, c0, C).t());
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "distance_block", [&] {
     TC_METRIC_SWITCH(metric, kM, [&] {
       dot_to_distance<scalar_t, kM>(G, x, r0, y, c0);
@@ -139,12 +135,12 @@ void accumulate_distance_grad(at::Tensor& W, at::Tensor& dist, const Prepared& x
   });
   const at::Tensor xb = x.e.narrow(0, r0, B);
   const at::Tensor yc = y.e.narrow(0, c0, C);
-  const at::Tensor row_self = dist.sum(1) * x.scale.narrow(0, r0, B);
+  const at::Tensor row_self = dist.sum(1).mul(x.scale.narrow(0, r0, B));
   at::Tensor gx = grad_x.narrow(0, r0, B);
   gx.addcmul_(row_self.unsqueeze(1), xb);
   gx.addmm_(W, yc);
   if (!grad_y.defined()) return;  // y needs no gradient: no work for it
-  const at::Tensor col_self = dist.sum(0) * y.scale.narrow(0, c0, C);
+  const at::Tensor col_self = dist.sum(0).mul(y.scale.narrow(0, c0, C));
   at::Tensor gy = grad_y.narrow(0, c0, C);
   gy.addcmul_(col_self.unsqueeze(1), yc);
   gy.addmm_(W.t(), xb);

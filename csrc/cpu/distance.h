@@ -5,10 +5,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,6 +13,7 @@
 
 #include "../common.h"
 #include "../epilogue.h"
+#include "tensor_ops.h"
 
 namespace triplet_cuda {
 namespace cpu {
@@ -148,7 +146,7 @@ void dense_backward(const Prepared& x, const Prepared& y, WeightFn&& weight_fn, 
   for (int64_t r0 = 0; r0 < N; r0 += B) {
     const int64_t b = std::min(B, N - r0);
     at::Tensor dist = distance_block(x, r0, b, y, M);
-    at::Tensor W = at::empty_like(dist);
+    at::Tensor W = empty_like(dist);
     const T* dp = dist.data_ptr<T>();
     T* wp = W.data_ptr<T>();
     at::parallel_for(0, b, row_grain(Mc), [&](int64_t lo, int64_t hi) {
@@ -161,7 +159,7 @@ void dense_backward(const Prepared& x, const Prepared& y, WeightFn&& weight_fn, 
 // The same for the distance matrix of x with itself: returns (N, D) in the accumulation dtype.
 template <typename T, Metric M, typename WeightFn>
 at::Tensor dense_backward(const Prepared& x, WeightFn&& weight_fn) {
-  at::Tensor grad = at::zeros_like(x.e);
+  at::Tensor grad = zeros_like(x.e);
   dense_backward<T, M>(x, x, weight_fn, grad, grad);
   return grad;
 }

@@ -9,7 +9,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <vector>
@@ -177,7 +176,7 @@ struct WeightedPair {
 template <typename T, Metric M>
 at::Tensor sparse_pair_backward(const Prepared& p, const std::vector<WeightedPair<T>>& pairs) {
   const int64_t N = p.rows(), D = p.e.size(1);
-  at::Tensor grad = at::zeros_like(p.e);
+  at::Tensor grad = zeros_like(p.e);
   const T* e = p.e.data_ptr<T>();
   const T* sq = p.sqnorm.data_ptr<T>();
   const T* inv = p.inv.data_ptr<T>();

@@ -2,11 +2,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/scalar_tensor.h>
 
 #include <tuple>
 
 #include "../checks.h"
+#include "tensor_ops.h"
 
 namespace triplet_cuda {
 namespace cpu {
@@ -41,12 +41,12 @@ inline RefInputs check_ref_batch(const at::Tensor& embeddings, const at::Tensor&
 
 // A 0-d tensor of the accumulation dtype of `like` holding v.
 inline at::Tensor acc_scalar(double v, const at::Tensor& like) {
-  return at::scalar_tensor(v, like.options().dtype(
+  return scalar_tensor(v, like.options().dtype(
                                   like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
 }
 
 inline at::Tensor long_scalar(int64_t v, const at::Tensor& like) {
-  return at::scalar_tensor(v, like.options().dtype(at::kLong));
+  return scalar_tensor(v, like.options().dtype(at::kLong));
 }
 
 }  // namespace cpu

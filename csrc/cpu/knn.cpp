@@ -75,11 +75,11 @@ void knn_rows(const Prepared& q, const Prepared& r, int64_t k, int64_t self_offs
   // (the heap scan is cheap next to the GEMM; on a loaded machine each region costs a wake-up).
   const int64_t B = std::max<int64_t>(
       1, std::min<int64_t>(N, kKnnBlockBytes / std::max<int64_t>(Mc * sizeof(T), 1)));
-  at::Tensor block = at::empty({B, Mc}, q.e.options());  // reused: the peak is one block
+  at::Tensor block = empty({B, Mc}, q.e.options());  // reused: the peak is one block
   for (int64_t r0 = 0; r0 < N; r0 += B) {
     const int64_t b = std::min(B, N - r0);
     at::Tensor G = block.narrow(0, 0, b);
-    at::mm_out(G, q.e.narrow(0, r0, b), r.e.t());
+    mm_out(G, q.e.narrow(0, r0, b), r.e.t());
     const T* gp = G.data_ptr<T>();
     at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
       std::vector<Cand<T>> heap;
@@ -142,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Te
   const int64_t N = query.size(0);
   const Metric m = static_cast<Metric>(metric);
   const auto acc = acc_type(query.scalar_type());
-  at::Tensor dist = at::empty({N, k}, query.options().dtype(acc));
-  at::Tensor idx = at::empty({N, k}, query.options().dtype(at::kLong));
+  at::Tensor dist = empty({N, k}, query.options().dtype(acc));
+  at::Tensor idx = empty({N, k}, query.options().dtype(at::kLong));
   if (N == 0 || k == 0) return {dist.to(query.scalar_type()), idx};
   if (ref.size(0) == 0) return {dist.fill_(INFINITY).to(query.scalar_type()), idx.fill_(-1)};
   const Prepared pq = prepare(query, m);

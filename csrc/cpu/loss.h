@@ -21,7 +21,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
 #include <tuple>
 #include <vector>
@@ -115,7 +114,7 @@ at::Tensor loss_backward(const at::Tensor& grad_loss_sum, const at::Tensor& embe
   TORCH_CHECK(grad_loss_sum.numel() == 1, "triplet_cuda: grad_loss_sum must have one element, got ",
               grad_loss_sum.sizes());
   const Prepared p = prepare(embeddings, static_cast<Metric>(metric));
-  if (p.rows() == 0) return at::zeros_like(embeddings, at::MemoryFormat::Contiguous);
+  if (p.rows() == 0) return zeros_like(embeddings);
   at::Tensor grad;
   AT_DISPATCH_FLOATING_TYPES(p.e.scalar_type(), "loss_backward", [&] {
     TC_METRIC_SWITCH(metric, kM, [&] {
@@ -159,8 +158,8 @@ std::tuple<at::Tensor, at::Tensor> ref_loss_backward(
               grad_loss_sum.sizes());
   const Metric m = static_cast<Metric>(metric);
   const Prepared px = prepare(embeddings, m), py = prepare(ref, m);
-  at::Tensor gx = at::zeros_like(px.e);
-  at::Tensor gy = ref_grad ? at::zeros_like(py.e) : at::Tensor();
+  at::Tensor gx = zeros_like(px.e);
+  at::Tensor gy = ref_grad ? zeros_like(py.e) : at::Tensor();
   if (px.rows() > 0 && py.rows() > 0) {
     const RowLabels l{in.lab.data_ptr<int64_t>(), in.ref_lab.data_ptr<int64_t>(), py.rows(),
                       in.self.data_ptr<int64_t>()};
@@ -172,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> ref_loss_backward(
     });
   }
   return {gx.to(embeddings.scalar_type()),
-          ref_grad ? gy.to(ref.scalar_type()) : at::empty({0}, ref.options())};
+          ref_grad ? gy.to(ref.scalar_type()) : empty({0}, ref.options())};
 }
 
 }  // namespace cpu

@@ -1,6 +1,5 @@
 // mine_triplets on CPU: (anchor, positive, negative) index triplets for a mining strategy,
 // sorted by (anchor, positive, negative).
-#include <ATen/ops/empty.h>
 #include "ops_cpu.h"
 
 #include <utility>
@@ -17,7 +16,7 @@ using Triplets = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Triplets batch_hard_triplets(const Prepared& p, const at::Tensor& lab, Metric m) {
   const HardMined r = mine_batch_hard(p, lab, m);
-  const at::Tensor a = (r.pos_idx >= 0).nonzero().select(1, 0);
+  const at::Tensor a = r.pos_idx.ge(0).nonzero().select(1, 0);
   return {a, r.pos_idx.index_select(0, a), r.neg_idx.index_select(0, a)};
 }
 
@@ -37,7 +36,7 @@ Triplets batch_all_triplets(const RowLabels& l, int64_t N, const at::TensorOptio
     }
   });
   for (int64_t a = 0; a < N; ++a) offset[a + 1] = offset[a] + positives[a];
-  at::Tensor A = at::empty({offset[N]}, opts), P = at::empty_like(A), Ng = at::empty_like(A);
+  at::Tensor A = empty({offset[N]}, opts), P = empty_like(A), Ng = empty_like(A);
   int64_t *pa = A.data_ptr<int64_t>(), *pp = P.data_ptr<int64_t>(), *pn = Ng.data_ptr<int64_t>();
   at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t a = lo; a < hi; ++a) {
@@ -62,7 +61,7 @@ Triplets flatten(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& ro
                  const at::TensorOptions& opts) {
   int64_t total = 0;
   for (const auto& r : rows) total += static_cast<int64_t>(r.size());
-  at::Tensor A = at::empty({total}, opts), P = at::empty_like(A), Ng = at::empty_like(A);
+  at::Tensor A = empty({total}, opts), P = empty_like(A), Ng = empty_like(A);
   int64_t *pa = A.data_ptr<int64_t>(), *pp = P.data_ptr<int64_t>(), *pn = Ng.data_ptr<int64_t>();
   int64_t k = 0;
   for (int64_t a = 0; a < static_cast<int64_t>(rows.size()); ++a) {
@@ -157,7 +156,7 @@ Triplets mine_triplets_ref_cpu(const at::Tensor& embeddings, const at::Tensor& l
   switch (static_cast<Strategy>(strategy)) {
     case Strategy::kBatchHard: {
       const HardMined r = mine_batch_hard_ref(prepare(embeddings, m), prepare(ref, m), l, m);
-      const at::Tensor a = (r.pos_idx >= 0).nonzero().select(1, 0);
+      const at::Tensor a = r.pos_idx.ge(0).nonzero().select(1, 0);
       return {a, r.pos_idx.index_select(0, a), r.neg_idx.index_select(0, a)};
     }
     case Strategy::kBatchAll:

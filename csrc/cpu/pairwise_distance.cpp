@@ -1,5 +1,4 @@
 // pairwise_distance on CPU: one GEMM plus a fused distance epilogue; backward as two GEMMs.
-#include <ATen/ops/zeros.h>
 #include "ops_cpu.h"
 
 #include "../checks.h"
@@ -18,7 +17,7 @@ void check_pair(const at::Tensor& x, const at::Tensor& y, int64_t metric) {
 // x: (N, D), y: (M, D) -> (N, M) distances in x's dtype.
 at::Tensor pairwise_distance_cpu(const at::Tensor& x, const at::Tensor& y, int64_t metric) {
   check_pair(x, y, metric);
-  if (x.size(0) == 0 || y.size(0) == 0) return at::zeros({x.size(0), y.size(0)}, x.options());
+  if (x.size(0) == 0 || y.size(0) == 0) return zeros({x.size(0), y.size(0)}, x.options());
   const Metric m = static_cast<Metric>(metric);
   const Prepared px = prepare(x, m), py = prepare(y, m);
   return distance_block(px, 0, px.rows(), py, m).to(x.scalar_type());
@@ -35,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tens
   TC_CHECK_SHAPE(dist, "dist", x.size(0), y.size(0));
   const Metric m = static_cast<Metric>(metric);
   const Prepared px = prepare(x, m), py = prepare(y, m);
-  at::Tensor gx = at::zeros_like(px.e), gy = at::zeros_like(py.e);
+  at::Tensor gx = zeros_like(px.e), gy = zeros_like(py.e);
   if (px.rows() > 0 && py.rows() > 0) {
     // both are overwritten by accumulate_distance_grad: take private copies
     at::Tensor W = grad.to(px.e.scalar_type(), /*non_blocking=*/false, /*copy=*/true).contiguous();
