@@ -36,8 +36,8 @@ def source_root() -> Path:
 
 
 def sources(root: Path, with_cuda: bool) -> list[str]:
-    """ops.cpp and every CPU kernel, plus the .cu files when building with CUDA."""
-    files = [root / "ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    """ops.cpp, tensor_ops.cpp and every CPU kernel, plus the .cu files when building with CUDA."""
+    files = [root / "ops.cpp", root / "tensor_ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
     if with_cuda:
         files += sorted((root / "cuda").glob("*.cu"))
     return [str(f) for f in files]

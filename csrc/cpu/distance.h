@@ -13,7 +13,7 @@
 
 #include "../common.h"
 #include "../epilogue.h"
-#include "tensor_ops.h"
+#include "../tensor_ops.h"
 
 namespace triplet_cuda {
 namespace cpu {

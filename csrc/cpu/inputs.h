@@ -6,7 +6,7 @@
 #include <tuple>
 
 #include "../checks.h"
-#include "tensor_ops.h"
+#include "../tensor_ops.h"
 
 namespace triplet_cuda {
 namespace cpu {

@@ -152,12 +152,12 @@ struct BatchAllLoss {
   static void forward(const LossChunk& c, const RowResults& rows) {
     const acc_t m = static_cast<acc_t>(c.margin);
     const int64_t r = c.r, C = c.cols;
-    const at::Tensor keys = at::empty({r, C}, c.Dc.options());
+    const at::Tensor keys = empty({r, C}, c.Dc.options());
     launch_sort_keys<acc_t>(c.Dc, c.lab, c.i0, r, keys.data_ptr<acc_t>(), nullptr, c.stream);
     const at::Tensor sn =
-        std::get<0>(at::sort(keys, /*stable=*/true, /*dim=*/1, /*descending=*/false))
+        std::get<0>(keys.sort(/*stable=*/true, /*dim=*/1, /*descending=*/false))
             .contiguous();
-    const at::Tensor cn = at::empty({r, C}, sn.options().dtype(at::kDouble));
+    const at::Tensor cn = empty({r, C}, sn.options().dtype(at::kDouble));
     row_prefix_sums_kernel<acc_t><<<grid_1d(r), kRowThreads, 0, c.stream>>>(
         sn.data_ptr<acc_t>(), C, cn.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -173,15 +173,15 @@ struct BatchAllLoss {
     const acc_t m = static_cast<acc_t>(c.margin);
     const int64_t r = c.r, C = c.cols;
     // keys[0]: negatives, keys[1]: positives; one segmented sort of 2r rows.
-    const at::Tensor keys = at::empty({2, r, C}, c.Dc.options());
+    const at::Tensor keys = empty({2, r, C}, c.Dc.options());
     acc_t* kp = keys.data_ptr<acc_t>();
     launch_sort_keys<acc_t>(c.Dc, c.lab, c.i0, r, kp, kp + r * C, c.stream);
     const at::Tensor sorted =
-        std::get<0>(at::sort(keys.view({2 * r, C}), /*stable=*/true, /*dim=*/1,
+        std::get<0>(keys.view({2 * r, C}).sort(/*stable=*/true, /*dim=*/1,
                              /*descending=*/false))
             .contiguous();
     const acc_t* sp_all = sorted.data_ptr<acc_t>();
-    at::Tensor Wc = at::empty({r, C}, c.Dc.options());
+    at::Tensor Wc = empty({r, C}, c.Dc.options());
     batch_all_rows_kernel<acc_t, true><<<grid_1d(r), kRowThreads, 0, c.stream>>>(
         c.Dc.data_ptr<acc_t>(), sp_all, nullptr, sp_all + r * C, c.lab,
         c.groups.sorted.data_ptr<int64_t>(), c.i0, m, nullptr, nullptr, nullptr,

@@ -20,7 +20,6 @@
 // stable sort of the 2N pairs by partner (a CSR-like reverse index): no atomics. With a
 // reference set the anchor rows (grad_embeddings) take the anchor side, the reference rows
 // (grad_ref, only when asked for) the partner side.
-#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include "distance.cuh"
@@ -167,11 +166,11 @@ HardMinedCuda batch_hard_mine_impl(const MineArgs& in, int64_t metric) {
   const int64_t N = x.size(0), C = y.size(0), D = x.size(1);
   const auto idx_options = x.options().dtype(at::kLong);
   if (N == 0 || C == 0) {  // no candidates: every anchor invalid
-    return {at::zeros({N}, x.options()), at::full({N}, -1, idx_options),
-            at::zeros({N}, x.options()), at::full({N}, -1, idx_options)};
+    return {zeros({N}, x.options()), full({N}, -1, idx_options),
+            zeros({N}, x.options()), full({N}, -1, idx_options)};
   }
-  HardMinedCuda r{at::empty({N}, x.options()), at::empty({N}, idx_options),
-                  at::empty({N}, x.options()), at::empty({N}, idx_options)};
+  HardMinedCuda r{empty({N}, x.options()), empty({N}, idx_options),
+                  empty({N}, x.options()), empty({N}, idx_options)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "batch_hard_mine_cuda", [&] {
@@ -189,10 +188,10 @@ HardMinedCuda batch_hard_mine_impl(const MineArgs& in, int64_t metric) {
     splits = std::max<int64_t>(1, std::min({splits, tilesC, int64_t(65535)}));
     const int64_t tiles_per_split = ceil_div(tilesC, splits);
     splits = ceil_div(tilesC, tiles_per_split);
-    at::Tensor part_pd = at::empty({splits, N}, acc_options);
-    at::Tensor part_nd = at::empty({splits, N}, acc_options);
-    at::Tensor part_pi = at::empty({splits, N}, idx_options);
-    at::Tensor part_ni = at::empty({splits, N}, idx_options);
+    at::Tensor part_pd = empty({splits, N}, acc_options);
+    at::Tensor part_nd = empty({splits, N}, acc_options);
+    at::Tensor part_pi = empty({splits, N}, idx_options);
+    at::Tensor part_ni = empty({splits, N}, idx_options);
     TC_METRIC_SWITCH(metric, kM, [&] {
       const dim3 grid(static_cast<unsigned int>(tilesA), static_cast<unsigned int>(splits));
       hard_mine_partial_kernel<scalar_t, acc_t, kM><<<grid, kTileThreads, 0, stream>>>(
@@ -362,11 +361,11 @@ void hard_backward_impl(const at::Tensor& grad_pos_dist, const at::Tensor& grad_
   // Reverse index: the 2N pairs stably sorted by partner (invalid pairs last).
   at::Tensor sorted_keys, perm;
   if (partner_side) {
-    at::Tensor keys = at::empty({2 * N}, ip.options());
+    at::Tensor keys = empty({2 * N}, ip.options());
     hard_pair_keys_kernel<<<elementwise_grid(2 * N), kElementwiseThreads, 0, stream>>>(
         ip.data_ptr<int64_t>(), in.data_ptr<int64_t>(), N, C, keys.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const auto sorted = keys.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
     sorted_keys = std::get<0>(sorted).contiguous();
     perm = std::get<1>(sorted).contiguous();
   }
@@ -417,7 +416,7 @@ at::Tensor batch_hard_mine_backward_cuda(const at::Tensor& grad_pos_dist,
   const int64_t N = embeddings.size(0), D = embeddings.size(1);
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const at::Tensor x = embeddings.contiguous();
-  at::Tensor grad = at::empty({N, D}, x.options());
+  at::Tensor grad = empty({N, D}, x.options());
   if (N == 0 || D == 0) return grad;
   hard_backward_impl(grad_pos_dist, grad_neg_dist, x, x, pos_dist, pos_idx, neg_dist, neg_idx,
                      metric, /*same_set=*/true, grad, nullptr);
@@ -445,12 +444,12 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_mine_ref_backward_cuda(
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor y = ref.contiguous();
   if (N == 0 || D == 0) {
-    return {at::zeros({N, D}, x.options()),
-            ref_grad ? at::zeros({Mr, D}, y.options()) : at::empty({0}, y.options())};
+    return {zeros({N, D}, x.options()),
+            ref_grad ? zeros({Mr, D}, y.options()) : empty({0}, y.options())};
   }
   // Every row of both is written by the kernels.
-  at::Tensor gx = at::empty({N, D}, x.options());
-  at::Tensor gy = ref_grad ? at::empty({Mr, D}, y.options()) : at::empty({0}, y.options());
+  at::Tensor gx = empty({N, D}, x.options());
+  at::Tensor gy = ref_grad ? empty({Mr, D}, y.options()) : empty({0}, y.options());
   hard_backward_impl(grad_pos_dist, grad_neg_dist, x, y, pos_dist, pos_idx, neg_dist, neg_idx,
                      metric, /*same_set=*/false, gx, ref_grad ? &gy : nullptr);
   return {gx, gy};

@@ -13,8 +13,6 @@
 // csrc/epilogue.h, as the CPU): a NaN distance gives a NaN term and weight (not counted as
 // positive). With a reference set (contrastive_loss_ref) the same kernel sums the ordered
 // pairs (a, j), j != self_index[a], of the anchor rows against the reference rows.
-#include <ATen/ops/ones.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "loss_common.cuh"
@@ -90,7 +88,7 @@ struct ContrastiveLoss {
   template <typename acc_t>
   static at::Tensor weights(const LossChunk& c) {
     const acc_t m = static_cast<acc_t>(c.margin);
-    at::Tensor Wc = at::empty({c.r, c.cols}, c.Dc.options());
+    at::Tensor Wc = empty({c.r, c.cols}, c.Dc.options());
     contrastive_rows_kernel<acc_t, true><<<grid_1d(c.r), kRowThreads, 0, c.stream>>>(
         c.Dc.data_ptr<acc_t>(), c.lab, c.i0, m, nullptr, nullptr, nullptr,
         Wc.data_ptr<acc_t>());
@@ -106,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_with_grad
     const at::Tensor& embeddings, const at::Tensor& labels, double margin, int64_t metric) {
   auto [loss_sum, num_valid, num_positive] =
       loss_forward_cuda<ContrastiveLoss>(embeddings, labels, margin, metric);
-  const at::Tensor one = at::ones(at::IntArrayRef{}, loss_sum.options());
+  const at::Tensor one = ones(at::IntArrayRef{}, loss_sum.options());
   const at::Tensor grad =
       loss_backward_cuda<ContrastiveLoss>(one, embeddings, labels, margin, metric);
   return {loss_sum, num_valid, num_positive, grad.to(loss_sum.scalar_type())};
@@ -224,7 +222,7 @@ at::Tensor contrastive_hinge_backward_cuda(const at::Tensor& grad_pos_sum,
   const at::Tensor gp = check_grad_loss_sum(grad_pos_sum, x);
   const at::Tensor gn = check_grad_loss_sum(grad_neg_sum, x);
   const int64_t N = x.size(0), D = x.size(1);
-  if (N == 0 || D == 0) return at::zeros({N, D}, x.options());
+  if (N == 0 || D == 0) return zeros({N, D}, x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -236,11 +234,11 @@ at::Tensor contrastive_hinge_backward_cuda(const at::Tensor& grad_pos_sum,
     const int64_t R = chunk_rows(N, N, 2 * static_cast<int64_t>(sizeof(acc_t)));
     const epi::HingeTerms<acc_t> terms{static_cast<acc_t>(pos_margin),
                                        static_cast<acc_t>(neg_margin)};
-    at::Tensor G = at::zeros({N, D}, acc_options);
+    at::Tensor G = zeros({N, D}, acc_options);
     TC_METRIC_SWITCH(metric, kM, [&] {
       for_each_distance_chunk<scalar_t, acc_t, kM>(
           x, st, x, st, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
-            at::Tensor Wc = at::empty({r, N}, acc_options);
+            at::Tensor Wc = empty({r, N}, acc_options);
             hinge_rows_kernel<acc_t, true><<<grid_1d(r), kRowThreads, 0, stream>>>(
                 Dc.data_ptr<acc_t>(), lab.data_ptr<int64_t>(), N, i0, terms, nullptr, nullptr,
                 nullptr, nullptr, nullptr, gp.data_ptr<acc_t>(), gn.data_ptr<acc_t>(),
@@ -249,7 +247,7 @@ at::Tensor contrastive_hinge_backward_cuda(const at::Tensor& grad_pos_sum,
             add_chunk_grad<scalar_t, acc_t, kM>(Wc, Dc, x, st, x, st, i0, r, G, &G, stream);
           });
     });
-    result = finish_grad<scalar_t, acc_t>(G, at::ones(at::IntArrayRef{}, acc_options), x, stream);
+    result = finish_grad<scalar_t, acc_t>(G, ones(at::IntArrayRef{}, acc_options), x, stream);
   });
   return result;
 }

@@ -69,7 +69,7 @@ template <typename scalar_t, typename acc_t>
 at::Tensor compute_row_stats(const at::Tensor& x, cudaStream_t stream) {
   const int64_t N = x.size(0), D = x.size(1);
   at::Tensor stats =
-      at::empty({3, N}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      empty({3, N}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   if (N == 0) return stats;
   acc_t* p = stats.data_ptr<acc_t>();
   const int64_t blocks = ceil_div(N, kStatsThreads / kWarp);

@@ -120,8 +120,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
   const at::Tensor q = query_in.contiguous(), r = ref_in.contiguous();
   const int64_t N = q.size(0), M = r.size(0), D = q.size(1);
   const auto acc = acc_scalar_type(q.scalar_type());
-  at::Tensor dist = at::empty({N, k}, q.options().dtype(acc));
-  at::Tensor idx = at::empty({N, k}, q.options().dtype(at::kLong));
+  at::Tensor dist = empty({N, k}, q.options().dtype(acc));
+  at::Tensor idx = empty({N, k}, q.options().dtype(at::kLong));
   if (N == 0 || k == 0) return {dist.to(q.scalar_type()), idx};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "knn_cuda", [&] {
@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
     const at::Tensor sr = compute_row_stats<scalar_t, acc_t>(r, stream);
     const int64_t rows = std::max<int64_t>(
         1, std::min<int64_t>(N, kKnnWorkspaceBytes / std::max<int64_t>(M * sizeof(acc_t), 1)));
-    at::Tensor ws = at::empty({rows, std::max<int64_t>(M, 1)}, q.options().dtype(acc));
+    at::Tensor ws = empty({rows, std::max<int64_t>(M, 1)}, q.options().dtype(acc));
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t b = std::min(rows, N - r0);
       const int64_t self_base = self_offset >= 0 ? self_offset + r0 : -1;
@@ -154,13 +154,13 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
         const int64_t kc = std::min<int64_t>(M, k + (self_base >= 0 ? 1 : 0));
         at::Tensor sd, si;
         if (M > 0) {
-          const auto sorted = at::sort(ws.narrow(0, 0, b), /*stable=*/true, /*dim=*/1,
+          const auto sorted = ws.narrow(0, 0, b).sort(/*stable=*/true, /*dim=*/1,
                                        /*descending=*/false);
           sd = std::get<0>(sorted).narrow(1, 0, kc).contiguous();
           si = std::get<1>(sorted).narrow(1, 0, kc).contiguous();
         } else {
-          sd = at::empty({b, 0}, ws.options());
-          si = at::empty({b, 0}, idx.options());
+          sd = empty({b, 0}, ws.options());
+          si = empty({b, 0}, idx.options());
         }
         knn_drop_self_kernel<acc_t><<<elementwise_grid(b), kElementwiseThreads, 0, stream>>>(
             sd.data_ptr<acc_t>(), si.data_ptr<int64_t>(), b, kc, k, self_base, out_d, out_i);

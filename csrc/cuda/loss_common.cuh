@@ -47,9 +47,9 @@ __global__ void inverse_permutation_kernel(const index_t* __restrict__ order, in
 
 // labels: (N,) int64 contiguous on the current device.
 inline LabelGroups label_groups(const at::Tensor& labels, cudaStream_t stream) {
-  const auto sorted = at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const auto sorted = labels.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
   LabelGroups g{std::get<0>(sorted).contiguous(), std::get<1>(sorted).contiguous(),
-                at::empty_like(labels)};
+                empty_like(labels)};
   const int64_t n = labels.numel();
   if (n > 0) {
     inverse_permutation_kernel<int64_t><<<elementwise_grid(n), kElementwiseThreads, 0, stream>>>(
@@ -90,8 +90,8 @@ __device__ __forceinline__ AnchorGroup anchor_group(const RowLabels& l,
 // counts: (N,) int64 (N > 0) -> (exclusive offsets (N,) int64, total). Synchronises with
 // the device to read the total (it sizes the caller's outputs).
 inline std::tuple<at::Tensor, int64_t> exclusive_offsets(const at::Tensor& counts) {
-  const at::Tensor inclusive = at::cumsum(counts, /*dim=*/0);
-  const at::Tensor offsets = at::sub(inclusive, counts).contiguous();
+  const at::Tensor inclusive = counts.cumsum(/*dim=*/0);
+  const at::Tensor offsets = inclusive.sub(counts).contiguous();
   const int64_t total = inclusive[counts.size(0) - 1].item<int64_t>();
   return {offsets, total};
 }
@@ -114,7 +114,7 @@ template <typename scalar_t, typename acc_t, Metric M, typename Fn>
 void for_each_distance_chunk(const at::Tensor& x, RowStats<acc_t> sx, const at::Tensor& y,
                              RowStats<acc_t> sy, int64_t R, cudaStream_t stream, Fn&& fn) {
   const int64_t N = x.size(0), C = y.size(0), D = x.size(1);
-  at::Tensor Dc = at::empty({R, C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor Dc = empty({R, C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
   for (int64_t i0 = 0; i0 < N; i0 += R) {
@@ -202,9 +202,9 @@ struct RowResults {
 
 inline RowResults make_row_results(const at::Tensor& x) {
   const int64_t N = x.size(0);
-  return {at::empty({N}, x.options().dtype(at::kDouble)),
-          at::empty({N}, x.options().dtype(at::kLong)),
-          at::empty({N}, x.options().dtype(at::kLong))};
+  return {empty({N}, x.options().dtype(at::kDouble)),
+          empty({N}, x.options().dtype(at::kLong)),
+          empty({N}, x.options().dtype(at::kLong))};
 }
 
 constexpr int kFinalizeThreads = 1024;
@@ -242,9 +242,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_loss(const RowRes
                                                                     cudaStream_t stream) {
   const int64_t N = x.size(0);
   const at::ScalarType acc_type = acc_scalar_type(x.scalar_type());
-  at::Tensor loss = at::empty(at::IntArrayRef{}, x.options().dtype(acc_type));
-  at::Tensor nv = at::empty(at::IntArrayRef{}, x.options().dtype(at::kLong));
-  at::Tensor np = at::empty(at::IntArrayRef{}, x.options().dtype(at::kLong));
+  at::Tensor loss = empty(at::IntArrayRef{}, x.options().dtype(acc_type));
+  at::Tensor nv = empty(at::IntArrayRef{}, x.options().dtype(at::kLong));
+  at::Tensor np = empty(at::IntArrayRef{}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(acc_type, "finalize_loss_cuda", [&] {
     finalize_loss_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(
         rows.loss.data_ptr<double>(), rows.valid.data_ptr<int64_t>(),
@@ -258,9 +258,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_loss(const RowRes
 // Zero outputs of a loss forward on an empty batch.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_loss(const at::Tensor& x) {
   const at::ScalarType acc_type = acc_scalar_type(x.scalar_type());
-  return {at::zeros(at::IntArrayRef{}, x.options().dtype(acc_type)),
-          at::zeros(at::IntArrayRef{}, x.options().dtype(at::kLong)),
-          at::zeros(at::IntArrayRef{}, x.options().dtype(at::kLong))};
+  return {zeros(at::IntArrayRef{}, x.options().dtype(acc_type)),
+          zeros(at::IntArrayRef{}, x.options().dtype(at::kLong)),
+          zeros(at::IntArrayRef{}, x.options().dtype(at::kLong))};
 }
 
 // out[e] = scalar_t(G[e] * scale[0]) (scale: the 0-d grad_loss_sum, acc_t, on the device).
@@ -292,7 +292,7 @@ inline at::Tensor check_grad_loss_sum(const at::Tensor& grad_loss_sum, const at:
 template <typename scalar_t, typename acc_t>
 at::Tensor finish_grad(const at::Tensor& G, const at::Tensor& gls, const at::Tensor& x,
                        cudaStream_t stream) {
-  at::Tensor grad = at::empty(x.sizes(), x.options());
+  at::Tensor grad = empty(x.sizes(), x.options());
   const int64_t n = G.numel();
   if (n == 0) return grad;
   scale_grad_kernel<scalar_t, acc_t><<<elementwise_grid(n), kElementwiseThreads, 0, stream>>>(
@@ -384,8 +384,8 @@ std::tuple<at::Tensor, at::Tensor> run_loss_backward(const at::Tensor& gls, cons
     const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
     const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
     const int64_t R = chunk_rows(N, C, Policy::template bytes_per_elem<acc_t>());
-    at::Tensor Gx = at::zeros({N, D}, acc_options);
-    at::Tensor Gy = (!same_set && y_grad) ? at::zeros({C, D}, acc_options) : at::Tensor();
+    at::Tensor Gx = zeros({N, D}, acc_options);
+    at::Tensor Gy = (!same_set && y_grad) ? zeros({C, D}, acc_options) : at::Tensor();
     at::Tensor* gy = same_set ? &Gx : (y_grad ? &Gy : nullptr);
     TC_METRIC_SWITCH(metric, kM, [&] {
       for_each_distance_chunk<scalar_t, acc_t, kM>(
@@ -424,7 +424,7 @@ at::Tensor loss_backward_cuda(const at::Tensor& grad_loss_sum, const at::Tensor&
   const at::Tensor x = embeddings.contiguous();
   const at::Tensor gls = check_grad_loss_sum(grad_loss_sum, x);
   const int64_t N = x.size(0), D = x.size(1);
-  if (N == 0 || D == 0) return at::zeros({N, D}, x.options());
+  if (N == 0 || D == 0) return zeros({N, D}, x.options());
   return std::get<0>(run_loss_backward<Policy>(gls, x, x, lab, batch_row_labels(lab), margin,
                                                metric, /*y_grad=*/false));
 }
@@ -479,10 +479,10 @@ std::tuple<at::Tensor, at::Tensor> loss_ref_backward_cuda(
   const RefInputsCuda in = ref_inputs_cuda(embeddings, labels, ref, ref_labels, self_index, metric);
   const at::Tensor gls = check_grad_loss_sum(grad_loss_sum, in.x);
   const int64_t N = in.x.size(0), Mr = in.y.size(0), D = in.x.size(1);
-  const at::Tensor empty_ref = at::empty({0}, in.y.options());
+  const at::Tensor empty_ref = empty({0}, in.y.options());
   if (N == 0 || Mr == 0 || D == 0) {
-    return {at::zeros({N, D}, in.x.options()),
-            ref_grad ? at::zeros({Mr, D}, in.y.options()) : empty_ref};
+    return {zeros({N, D}, in.x.options()),
+            ref_grad ? zeros({Mr, D}, in.y.options()) : empty_ref};
   }
   auto [gx, gy] = run_loss_backward<Policy>(gls, in.x, in.y, in.ref_lab,
                                             ref_row_labels(in.lab, in.ref_lab, in.self), margin,

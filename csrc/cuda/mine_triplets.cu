@@ -75,33 +75,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_impl(const MineArgs
   const int64_t C = in.symmetric() ? N : in.y.size(0);
   const auto idx_options = in.x.options().dtype(at::kLong);
   if (N == 0 || C == 0) {
-    return {at::empty({0}, idx_options), at::empty({0}, idx_options),
-            at::empty({0}, idx_options)};
+    return {empty({0}, idx_options), empty({0}, idx_options),
+            empty({0}, idx_options)};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Strategy kind = static_cast<Strategy>(strategy);
   if (kind == Strategy::kBatchHard) {
     const HardMinedCuda r = batch_hard_mine_impl(in, metric);
     // nonzero returns the valid anchors in ascending order.
-    const at::Tensor anchors = at::nonzero(at::ge(r.pos_idx, 0)).view({-1}).contiguous();
-    return {anchors, at::index_select(r.pos_idx, 0, anchors),
-            at::index_select(r.neg_idx, 0, anchors)};
+    const at::Tensor anchors = r.pos_idx.ge(0).nonzero().view({-1}).contiguous();
+    return {anchors, r.pos_idx.index_select(0, anchors),
+            r.neg_idx.index_select(0, anchors)};
   }
   if (kind == Strategy::kBatchAll) {
     const at::Tensor& cand_labels = in.symmetric() ? in.lab : in.ref_lab;
     const RowLabels l = in.symmetric() ? batch_row_labels(in.lab)
                                        : ref_row_labels(in.lab, in.ref_lab, in.self);
     const LabelGroups groups = label_groups(cand_labels, stream);
-    at::Tensor counts = at::empty({N}, idx_options);
+    at::Tensor counts = empty({N}, idx_options);
     batch_all_counts_kernel<<<elementwise_grid(N), kElementwiseThreads, 0, stream>>>(
         l, groups.sorted.data_ptr<int64_t>(), N, counts.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor offsets;
     int64_t T = 0;
     std::tie(offsets, T) = exclusive_offsets(counts);  // synchronises
-    at::Tensor out_a = at::empty({T}, idx_options);
-    at::Tensor out_p = at::empty({T}, idx_options);
-    at::Tensor out_n = at::empty({T}, idx_options);
+    at::Tensor out_a = empty({T}, idx_options);
+    at::Tensor out_p = empty({T}, idx_options);
+    at::Tensor out_n = empty({T}, idx_options);
     if (T > 0) {
       batch_all_fill_kernel<<<grid_1d(N), kRowThreads, 0, stream>>>(
           l, groups.sorted.data_ptr<int64_t>(), groups.order.data_ptr<int64_t>(),

@@ -171,7 +171,7 @@ void launch_pair_grad(const w_t* W, const w_t* dist, int64_t ldw, const scalar_t
   const int64_t c_per_split = ceil_div(cTiles, splits) * kTileK;
   splits = nC > 0 ? ceil_div(nC, c_per_split) : 1;
 
-  at::Tensor part = at::empty({splits, nOut, D}, acc_options);
+  at::Tensor part = empty({splits, nOut, D}, acc_options);
   acc_t* part_ptr = part.data_ptr<acc_t>();
   const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(splits));
   pair_grad_kernel<scalar_t, acc_t, w_t, M, TRANS><<<grid, kTileThreads, 0, stream>>>(

@@ -20,7 +20,7 @@ at::Tensor pairwise_distance_cuda(const at::Tensor& x_in, const at::Tensor& y_in
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
   const int64_t N = x.size(0), M = y.size(0), D = x.size(1);
-  at::Tensor out = at::empty({N, M}, x.options());
+  at::Tensor out = empty({N, M}, x.options());
   if (N == 0 || M == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -53,13 +53,13 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Ten
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
   const int64_t N = x.size(0), M = y.size(0), D = x.size(1);
   if (N == 0 || M == 0 || D == 0) {
-    return {at::zeros({N, D}, x.options()), at::zeros({M, D}, y.options())};
+    return {zeros({N, D}, x.options()), zeros({M, D}, y.options())};
   }
   // grad / dist are read in x's dtype (autograd passes them in it already).
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
   const at::Tensor dist = dist_in.to(x.scalar_type()).contiguous();
-  at::Tensor gx = at::empty({N, D}, x.options());
-  at::Tensor gy = at::empty({M, D}, y.options());
+  at::Tensor gx = empty({N, D}, x.options());
+  at::Tensor gy = empty({M, D}, y.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "pairwise_distance_backward_cuda", [&] {

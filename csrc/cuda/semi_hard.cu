@@ -184,9 +184,9 @@ template <typename acc_t>
 std::tuple<at::Tensor, at::Tensor> sorted_negatives(const at::Tensor& Dc, const RowLabels& l,
                                                     int64_t i0, int64_t r,
                                                     cudaStream_t stream) {
-  at::Tensor keys = at::empty({r, l.cols}, Dc.options());
+  at::Tensor keys = empty({r, l.cols}, Dc.options());
   launch_sort_keys<acc_t>(Dc, l, i0, r, keys.data_ptr<acc_t>(), nullptr, stream);
-  const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  const auto sorted = keys.sort(/*stable=*/true, /*dim=*/1, /*descending=*/false);
   return {std::get<0>(sorted).contiguous(), std::get<1>(sorted).contiguous()};
 }
 
@@ -237,7 +237,7 @@ struct SemiHardLoss {
         sorted_negatives<acc_t>(c.Dc, c.lab, c.i0, c.r, c.stream);
     const at::Tensor& sn = std::get<0>(neg);
     const at::Tensor& in = std::get<1>(neg);
-    at::Tensor Wi = at::zeros({c.r, c.cols}, c.Dc.options().dtype(at::kInt));
+    at::Tensor Wi = zeros({c.r, c.cols}, c.Dc.options().dtype(at::kInt));
     semi_hard_rows_kernel<acc_t, SemiMode::kBackward>
         <<<grid_1d(c.r), kRowThreads, 0, c.stream>>>(
             c.Dc.data_ptr<acc_t>(), sn.data_ptr<acc_t>(), in.data_ptr<int64_t>(), c.lab,
@@ -245,7 +245,7 @@ struct SemiHardLoss {
             nullptr, nullptr, nullptr, Wi.data_ptr<int32_t>(), nullptr, nullptr, nullptr,
             nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::Tensor W = at::empty({c.r, c.cols}, c.Dc.options());
+    at::Tensor W = empty({c.r, c.cols}, c.Dc.options());
     const int64_t n = c.r * c.cols;
     if (n > 0) {
       semi_hard_weights_kernel<acc_t><<<elementwise_grid(n), kElementwiseThreads, 0, c.stream>>>(
@@ -268,22 +268,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_triplets_impl(const Min
   const int64_t N = x.size(0), C = y.size(0);
   const auto idx_options = x.options().dtype(at::kLong);
   if (N == 0 || C == 0) {
-    return {at::empty({0}, idx_options), at::empty({0}, idx_options),
-            at::empty({0}, idx_options)};
+    return {empty({0}, idx_options), empty({0}, idx_options),
+            empty({0}, idx_options)};
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const LabelGroups groups = label_groups(cand_labels, stream);
   // Count pass + exclusive scan: anchor a's pairs start at offsets[a].
-  at::Tensor counts = at::empty({N}, idx_options);
+  at::Tensor counts = empty({N}, idx_options);
   semi_hard_counts_kernel<<<elementwise_grid(N), kElementwiseThreads, 0, stream>>>(
       l, groups.sorted.data_ptr<int64_t>(), N, counts.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor offsets;
   int64_t T = 0;
   std::tie(offsets, T) = exclusive_offsets(counts);  // synchronises: T sizes the outputs
-  at::Tensor out_a = at::empty({T}, idx_options);
-  at::Tensor out_p = at::empty({T}, idx_options);
-  at::Tensor out_n = at::empty({T}, idx_options);
+  at::Tensor out_a = empty({T}, idx_options);
+  at::Tensor out_p = empty({T}, idx_options);
+  at::Tensor out_n = empty({T}, idx_options);
   if (T == 0) return {out_a, out_p, out_n};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "semi_hard_triplets_cuda", [&] {

@@ -7,16 +7,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/cumsum.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/ge.h>
-#include <ATen/ops/index_select.h>
-#include <ATen/ops/nonzero.h>
-#include <ATen/ops/scalar_tensor.h>
-#include <ATen/ops/sort.h>
-#include <ATen/ops/sub.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -32,6 +22,7 @@
 
 #include "../checks.h"
 #include "../common.h"
+#include "../tensor_ops.h"
 
 namespace triplet_cuda {
 namespace cuda {

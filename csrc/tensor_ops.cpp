@@ -4,11 +4,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 
 namespace triplet_cuda {
-namespace cpu {
 
 at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::zeros(sizes, options);
@@ -22,6 +22,10 @@ at::Tensor full(at::IntArrayRef sizes, const at::Scalar& value, const at::Tensor
   return at::full(sizes, value, options);
 }
 
+at::Tensor ones(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::ones(sizes, options);
+}
+
 at::Tensor zeros_like(const at::Tensor& like) { return at::zeros(like.sizes(), like.options()); }
 
 at::Tensor empty_like(const at::Tensor& like) { return at::empty(like.sizes(), like.options()); }
@@ -32,5 +36,4 @@ at::Tensor scalar_tensor(const at::Scalar& value, const at::TensorOptions& optio
 
 void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
-}  // namespace cpu
 }  // namespace triplet_cuda
