@@ -35,6 +35,11 @@
 //     on every sm_80+ part; shared memory allows 2 (A100, 164 KB) or 3 (H100, 227 KB).
 //     16 resident warps hide latency through 16 independent mma per k16 step per warp and the
 //     4-stage cp.async pipeline (the usual operating point of mma.sync GEMM mainloops).
+//     Measured with ptxas -v (CUDA 13.0, a test kernel = run() + a loop storing s.dot to
+//     global, both the cp.async and the register-staged path inlined): 127 registers, no
+//     spills, for sm_80 and sm_90 (128 x 64 variant: 96 / 95). That leaves no headroom: an
+//     epilogue whose live state overlaps the accumulators (it should not: they are dead once
+//     the tile is stored) would spill, so read ptxas -v of every kernel built on it.
 //   * Alignment: the cp.async path needs every staged 16-byte chunk 16-byte aligned in global
 //     memory: D % 8 == 0 and A, B 16-byte aligned. run() checks that from its arguments (the
 //     same value in every thread, so the branch never splits a __syncthreads) and otherwise
@@ -55,11 +60,13 @@
 // precision and the accumulation of .f32 D is performed with at least single precision, and
 // leaves "the accumulation order, rounding and handling of subnormal inputs" unspecified.
 // So the result equals FFMA on the converted values up to summation order and the rounding
-// of the additions (measured hardware adds a k-group's exact products with truncation rather
-// than round-to-nearest: the error bound is that of a float32 sum of D terms, about twice
-// the round-to-nearest one, not bitwise FFMA). The near-zero rule of csrc/epilogue.h applies
-// downstream unchanged: the epilogue recomputes near-zero Euclidean pairs exactly from the
-// embeddings, so cancellation in ||a||^2 + ||b||^2 - 2<a, b> never reaches a result.
+// of the additions: not bitwise, but within the error bound of a float32 sum of D terms
+// (Fasi, Higham, Mikaitis, Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ
+// Comput. Sci. 2021, report that the hardware adds a k-group's exact products aligned to the
+// largest one with truncation rather than round-to-nearest: about twice the unit roundoff).
+// The near-zero rule of csrc/epilogue.h applies downstream unchanged: the epilogue
+// recomputes near-zero Euclidean pairs exactly from the embeddings, so cancellation in
+// ||a||^2 + ||b||^2 - 2<a, b> never reaches a result.
 // Rows a0 + r >= nA and columns b0 + c >= nB of the tile are stored as exactly 0 (not
 // computed: a zero-filled row times an Inf would be NaN). NaN / Inf inputs propagate through
 // mma as through FFMA (to be confirmed on a GPU, item 4 below).
@@ -308,6 +315,30 @@ struct MmaMainloop {
 
   // --------------------------------------------------------------------------- device code
 
+  // The block's operands: A / B advanced to rows a0 / b0 (left at the tensor start when the
+  // block is past its end), and how many of the block's kBM / kBN rows exist (0..kBM /
+  // 0..kBN). 32-bit row counts and one pointer per operand keep the pipeline's registers low.
+  struct Blocked {
+    const scalar_t* A;
+    const scalar_t* B;
+    int64_t D;
+    int a_rows, b_rows;
+    __device__ __forceinline__ static int rows_in(int64_t n, int64_t r0, int rows) {
+      return n <= r0 ? 0 : (n - r0 < rows ? static_cast<int>(n - r0) : rows);
+    }
+    __device__ __forceinline__ static Blocked make(const scalar_t* A, int64_t nA, int64_t a0,
+                                                   const scalar_t* B, int64_t nB, int64_t b0,
+                                                   int64_t D) {
+      Blocked blk;
+      blk.a_rows = rows_in(nA, a0, kBM);
+      blk.b_rows = rows_in(nB, b0, kBN);
+      blk.A = blk.a_rows > 0 ? A + a0 * D : A;
+      blk.B = blk.b_rows > 0 ? B + b0 * D : B;
+      blk.D = D;
+      return blk;
+    }
+  };
+
   // Slot of 16-byte chunk `chunk` (0..3) of staged row `row`. A staged row is 64 bytes, so a
   // 128-byte bank line holds rows 2j (bytes 0-63) and 2j + 1 (bytes 64-127); the chunk's
   // 16-byte position in its line is 4 (row & 1) + (chunk ^ ((row >> 1) & 3)).
@@ -323,14 +354,13 @@ struct MmaMainloop {
   }
 
   // Stages features [k0, k0 + kBK) of the block's kBM A rows and kBN B rows into stage
-  // `slot`; rows past nA / nB and features past D are zeros. kAsync: cp.async (requires
-  // D % 8 == 0 and 16-byte aligned A, B: a chunk is then wholly inside or wholly past D);
-  // otherwise plain loads and 16-byte shared stores.
+  // `slot`; rows past blk.a_rows / blk.b_rows and features past D are zeros (blk.A / blk.B
+  // point at the block's first rows). kAsync: cp.async (requires D % 8 == 0 and 16-byte aligned
+  // A, B: a chunk is then wholly inside or wholly past D); otherwise plain loads and 16-byte
+  // shared stores.
   template <bool kAsync>
   __device__ __forceinline__ static void load_stage(Shared& s, int slot, int64_t k0,
-                                                    const scalar_t* __restrict__ A, int64_t nA,
-                                                    int64_t a0, const scalar_t* __restrict__ B,
-                                                    int64_t nB, int64_t b0, int64_t D) {
+                                                    const Blocked& blk) {
     const int tid = threadIdx.x;
 #pragma unroll
     for (int l = 0; l < kLoadsPerThread; ++l) {
@@ -338,22 +368,23 @@ struct MmaMainloop {
       const int row = e / kChunks;
       const int chunk = e % kChunks;
       const bool is_a = row < kBM;  // compile-time per l (static_assert above)
-      const scalar_t* __restrict__ base = is_a ? A : B;
-      const int64_t grow = is_a ? a0 + row : b0 + (row - kBM);
-      const int64_t n = is_a ? nA : nB;
+      const scalar_t* __restrict__ base = is_a ? blk.A : blk.B;
+      const int brow = is_a ? row : row - kBM;  // row within the block's A or B rows
+      const bool row_ok = brow < (is_a ? blk.a_rows : blk.b_rows);
+      const int64_t D = blk.D;
       const int64_t k = k0 + 8 * chunk;
       uint4* dst = &s.u.stage[slot][row][swizzle(row, chunk)];
       if constexpr (kAsync) {
-        const bool valid = grow < n && k < D;
-        mma_detail::cp_async_16(mma_detail::smem_addr(dst), valid ? base + grow * D + k : base,
+        const bool valid = row_ok && k < D;
+        mma_detail::cp_async_16(mma_detail::smem_addr(dst), valid ? base + brow * D + k : base,
                                 valid);
       } else {
         uint32_t w[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int64_t k_lo = k + 2 * j, k_hi = k_lo + 1;
-          const uint32_t lo = (grow < n && k_lo < D) ? base[grow * D + k_lo].x : 0u;
-          const uint32_t hi = (grow < n && k_hi < D) ? base[grow * D + k_hi].x : 0u;
+          const uint32_t lo = (row_ok && k_lo < D) ? base[brow * D + k_lo].x : 0u;
+          const uint32_t hi = (row_ok && k_hi < D) ? base[brow * D + k_hi].x : 0u;
           w[j] = lo | (hi << 16);  // lower feature in the low half ([L])
         }
         *dst = make_uint4(w[0], w[1], w[2], w[3]);
@@ -375,7 +406,8 @@ struct MmaMainloop {
       for (int mi = 0; mi < kFragM; ++mi) {
         const int row = wm * kWarpM + mi * 16 + (lane % 16);
         const int chunk = 2 * ks + lane / 16;
-        mma_detail::ldmatrix_x4(a[mi], mma_detail::smem_addr(&s.u.stage[slot][row][swizzle(row, chunk)]));
+        mma_detail::ldmatrix_x4(
+            a[mi], mma_detail::smem_addr(&s.u.stage[slot][row][swizzle(row, chunk)]));
       }
       // B, one x4 per pair of n8 tiles: lane l addresses candidate row (l % 8) + 8 (l / 16) of
       // the pair, chunk 2 ks + (l / 8) % 2, so matrix q is n 8 (q >> 1) .. + 7 x
@@ -386,7 +418,8 @@ struct MmaMainloop {
         const int row = kBM + wn * kWarpN + nj * 8 + (lane % 8) + 8 * (lane / 16);
         const int chunk = 2 * ks + (lane / 8) % 2;
         uint32_t d[4];
-        mma_detail::ldmatrix_x4(d, mma_detail::smem_addr(&s.u.stage[slot][row][swizzle(row, chunk)]));
+        mma_detail::ldmatrix_x4(
+            d, mma_detail::smem_addr(&s.u.stage[slot][row][swizzle(row, chunk)]));
         b[nj][0] = d[0];
         b[nj][1] = d[1];
         b[nj + 1][0] = d[2];
@@ -412,15 +445,12 @@ struct MmaMainloop {
   // stage kt was stored at least one __syncthreads before it is read). Returns after a final
   // __syncthreads: no thread reads or writes the staging area any more.
   template <bool kAsync>
-  __device__ __forceinline__ static void k_loop(const scalar_t* __restrict__ A, int64_t nA,
-                                                int64_t a0, const scalar_t* __restrict__ B,
-                                                int64_t nB, int64_t b0, int64_t D, Shared& s,
-                                                int wm, int wn, int lane,
-                                                float (&acc)[kFragM][kFragN][4]) {
-    const int64_t num_k = ceil_div(D, kBK);
+  __device__ __forceinline__ static void k_loop(const Blocked& blk, Shared& s, int wm, int wn,
+                                                int lane, float (&acc)[kFragM][kFragN][4]) {
+    const int64_t num_k = ceil_div(blk.D, kBK);
 #pragma unroll
     for (int st = 0; st < kStages - 1; ++st) {
-      if (st < num_k) load_stage<kAsync>(s, st, int64_t(st) * kBK, A, nA, a0, B, nB, b0, D);
+      if (st < num_k) load_stage<kAsync>(s, st, int64_t(st) * kBK, blk);
       if constexpr (kAsync) mma_detail::cp_async_commit();
     }
     int read_slot = 0, write_slot = kStages - 1;
@@ -428,7 +458,7 @@ struct MmaMainloop {
       if constexpr (kAsync) mma_detail::cp_async_wait<kStages - 2>();
       __syncthreads();
       const int64_t next = kt + kStages - 1;
-      if (next < num_k) load_stage<kAsync>(s, write_slot, next * kBK, A, nA, a0, B, nB, b0, D);
+      if (next < num_k) load_stage<kAsync>(s, write_slot, next * kBK, blk);
       if constexpr (kAsync) mma_detail::cp_async_commit();
       compute_stage(s, read_slot, wm, wn, lane, acc);
       read_slot = read_slot + 1 == kStages ? 0 : read_slot + 1;
@@ -440,12 +470,13 @@ struct MmaMainloop {
 
   // Writes the accumulators to the tile per [C]: acc[mi][nj][i] is tile row
   // wm kWarpM + 16 mi + g + 8 (i >= 2), column wn kWarpN + 8 nj + 2 t + (i & 1). Entries
-  // outside nA x nB are stored as 0. Banks: a store instruction (fixed mi, nj, i) has lane
-  // (g, t) at word 9 g + 2 t + const (mod 32) (stride = 9 mod 32): even g and odd g use
-  // disjoint bank parities, and within a parity each bank is hit at most twice (2-way).
-  __device__ __forceinline__ static void store_tile(Shared& s, int64_t nA, int64_t a0,
-                                                    int64_t nB, int64_t b0, int wm, int wn,
-                                                    int lane,
+  // outside a_rows x b_rows (global rows past nA / nB) are stored as 0. Banks: a store
+  // instruction (fixed mi, h, nj, i) has lane (g, t) at word 9 g + 2 t + const (mod 32)
+  // (stride = 9 mod 32): even g and odd g use disjoint bank parities, and within a parity
+  // each bank is hit at most twice (2-way; no odd stride does better, and the odd stride is
+  // what makes the epilogue's reads conflict-free along rows and along columns).
+  __device__ __forceinline__ static void store_tile(Shared& s, int a_rows, int b_rows, int wm,
+                                                    int wn, int lane,
                                                     const float (&acc)[kFragM][kFragN][4]) {
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -453,26 +484,24 @@ struct MmaMainloop {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = wm * kWarpM + mi * 16 + g + 8 * h;
-        const bool row_ok = a0 + r < nA;
+        const bool row_ok = r < a_rows;
 #pragma unroll
         for (int nj = 0; nj < kFragN; ++nj) {
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int c = wn * kWarpN + nj * 8 + 2 * t + i;
-            s.u.tile[r][c] = (row_ok && b0 + c < nB) ? acc[mi][nj][2 * h + i] : 0.f;
+            s.u.tile[r][c] = (row_ok && c < b_rows) ? acc[mi][nj][2 * h + i] : 0.f;
           }
         }
       }
     }
   }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  // Pre-sm_80 fallback (only compiled for such archs): the same tile by FFMA on the converted
-  // values, SimtMainloop64's scheme with 8 x 8 outputs per thread, staged with plain loads
-  // into stage 0 of the same layout.
-  __device__ static void run_simt(const scalar_t* __restrict__ A, int64_t nA, int64_t a0,
-                                  const scalar_t* __restrict__ B, int64_t nB, int64_t b0,
-                                  int64_t D, Shared& s) {
+  // Pre-sm_80 fallback (run() calls it only when compiled for such an arch; defined for every
+  // arch so that no declaration depends on __CUDA_ARCH__): the same tile by FFMA on the
+  // converted values, SimtMainloop64's scheme with (kBM / 16) x (kBN / 16) outputs per thread,
+  // staged with plain loads into stage 0 of the same layout.
+  __device__ static void run_simt(const Blocked& blk, Shared& s) {
     constexpr int kPerM = kBM / 16, kPerN = kBN / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float acc[kPerM][kPerN];
@@ -486,9 +515,9 @@ struct MmaMainloop {
           reinterpret_cast<const uint16_t*>(&s.u.stage[0][row][swizzle(row, kk / 8)]);
       return static_cast<float>(scalar_t(chunk[kk % 8], scalar_t::from_bits()));
     };
-    for (int64_t k0 = 0; k0 < D; k0 += kBK) {
+    for (int64_t k0 = 0; k0 < blk.D; k0 += kBK) {
       __syncthreads();  // the previous step is done with stage 0
-      load_stage<false>(s, 0, k0, A, nA, a0, B, nB, b0, D);
+      load_stage<false>(s, 0, k0, blk);
       __syncthreads();
 #pragma unroll 4
       for (int kk = 0; kk < kBK; ++kk) {
@@ -511,19 +540,19 @@ struct MmaMainloop {
 #pragma unroll
       for (int j = 0; j < kPerN; ++j) {
         const int c = tx + 16 * j;
-        s.u.tile[r][c] = (a0 + r < nA && b0 + c < nB) ? acc[i][j] : 0.f;
+        s.u.tile[r][c] = (r < blk.a_rows && c < blk.b_rows) ? acc[i][j] : 0.f;
       }
     }
   }
-#endif
 
   // The concept's entry point: all kThreads threads; begins and ends with __syncthreads().
   __device__ static void run(const scalar_t* __restrict__ A, int64_t nA, int64_t a0,
                              const scalar_t* __restrict__ B, int64_t nB, int64_t b0, int64_t D,
                              Shared& s) {
     __syncthreads();  // the previous tile's epilogue may still read s
+    const Blocked blk = Blocked::make(A, nA, a0, B, nB, b0, D);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    run_simt(A, nA, a0, B, nB, b0, D, s);
+    run_simt(blk, s);
 #else
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int wm = warp / kWarpsN, wn = warp % kWarpsN;
@@ -541,11 +570,11 @@ struct MmaMainloop {
         D % 8 == 0 &&
         ((reinterpret_cast<uintptr_t>(A) | reinterpret_cast<uintptr_t>(B)) % 16) == 0;
     if (aligned) {
-      k_loop<true>(A, nA, a0, B, nB, b0, D, s, wm, wn, lane, acc);
+      k_loop<true>(blk, s, wm, wn, lane, acc);
     } else {
-      k_loop<false>(A, nA, a0, B, nB, b0, D, s, wm, wn, lane, acc);
+      k_loop<false>(blk, s, wm, wn, lane, acc);
     }
-    store_tile(s, nA, a0, nB, b0, wm, wn, lane, acc);
+    store_tile(s, blk.a_rows, blk.b_rows, wm, wn, lane, acc);
 #endif
     __syncthreads();  // the tile is complete and visible to every thread
   }
