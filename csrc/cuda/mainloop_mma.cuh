@@ -3,8 +3,8 @@
 // over all D features, accumulated in float and left in shared memory as Shared::dot(r, c);
 // run() begins and ends with __syncthreads()).
 //
-// STATUS: compile-checked only (nvcc, sm_80 / sm_90, and a one-off sm_70 build of the SIMT
-// fallback); it has never run. Nothing may dispatch to it before a GPU session has done the
+// STATUS: compile-checked only (nvcc 13.0 for sm_80 / sm_90, and a one-off sm_75 build of the
+// SIMT fallback); it has never run. Nothing may dispatch to it before a GPU session has done the
 // checks listed at the end of this comment.
 //
 // Design (defaults: MmaMainloop<T> = 128 x 128 tile, 8 warps as 2 (M) x 4 (N), 4 stages)
@@ -49,8 +49,9 @@
 //     sm_80 and sm_90. A build that adds an older arch still compiles: there run() computes
 //     the same tile with FFMA on the converted values (SimtMainloop64's semantics: 16 x 16
 //     threads, 8 x 8 outputs each, same Shared). Host code should still dispatch such devices
-//     to a SIMT mainloop (uses_tensor_cores()), and sm_75 cannot grant kSharedBytes at all
-//     (64 KB opt-in), which set_max_dynamic_shared() reports as a clear error.
+//     to a SIMT mainloop (uses_tensor_cores()): sm_75 cannot grant the 128 x 128 tile's
+//     kSharedBytes (64 KB opt-in; set_max_dynamic_shared() says so in a clear error), only
+//     the 128 x 64 variant's.
 //
 // Exactness. A product of two float16 values (11-bit significands, exponents -24..15) or of
 // two bfloat16 values (8-bit significands, float32's exponent range) is exact in float32
