@@ -16,10 +16,11 @@
 //           that (1) every row starts 16-byte aligned (cp.async and 128-bit loads need it) and
 //           (2) the eight 128-bit loads of a quarter warp (tx = 0..7 or 8..15, rows tx + 16 j,
 //           stride 80 B (float) / 144 B (double)) hit eight distinct 16-byte bank groups.
-//   compute per kVec features: kPerN 128-bit loads of b (one per owned column), then per owned
-//           row one 128-bit load of a and kVec x kPerN FFMAs: 1 shared load per 8 (float) FFMAs
-//           instead of the 1 per 2 of scalar loads. The a loads of a warp have two distinct
-//           addresses (ty = 2w, 2w + 1): broadcasts.
+//   compute per kVec features and block of kJB = 4 owned columns: 4 128-bit loads of b, then
+//           per owned row one 128-bit load of a and kVec x 4 FFMAs: for float32 8 x 8,
+//           (8 + 2 x 8) = 24 loads per 256 FFMAs (1 per 10.7) instead of the 1 per 2 of scalar
+//           loads. The a loads of a warp have two distinct addresses (ty = 2w, 2w + 1):
+//           broadcasts.
 //   buffers two stage buffers (double buffering): step s computes from buffer s & 1 while the
 //           copies of step s + 1 fill buffer (s + 1) & 1.
 //             cp.async path: scalar_t == acc_t == float, D % 4 == 0, A and B 16-byte aligned
@@ -37,7 +38,7 @@
 // block; sm_80: 164 KB):
 //   float   8 x 8 / thread, 128 x 128 tile: stage 2 x 256 rows x 20 x 4 B = 40 KB, tile
 //           128 x 129 x 4 B = 64.5 KB -> Shared = 64.5 KB (dynamic shared memory, opted in with
-//           cudaFuncSetAttribute). Registers: 64 accumulators + 32 b values + 4 a values +
+//           cudaFuncSetAttribute). Registers: 64 accumulators + 16 b values + 4 a values +
 //           addressing ~ 110-128; __launch_bounds__(256, 2) caps them at 128. 2 blocks / SM:
 //           2 x 256 x 128 = 64 K registers (the whole register file) and
 //           2 x (64.5 + epilogue ~8) KB = ~145 KB of shared memory (fits sm_90 and sm_80),
@@ -45,7 +46,7 @@
 //           the ILP that SGEMM-style kernels run at full FFMA rate with).
 //   double  4 x 4 / thread, 64 x 64 tile (square, as the symmetric batch-hard kernel needs):
 //           stage 2 x 128 x 18 x 8 B = 36 KB, tile 64 x 65 x 8 B = 32.5 KB -> 36 KB.
-//           Registers: 32 (16 double accumulators) + 16 + 4 + addressing ~ 70-90;
+//           Registers: 32 (16 double accumulators) + 16 + 4 + addressing;
 //           __launch_bounds__(256, 2). FP64 throughput, not occupancy, bounds it.
 // The figures `-Xptxas -v` printed for the kernels that use it are in the GPU notes at the end
 // of this header.
@@ -134,6 +135,7 @@ struct SimtMainloop {
   static constexpr int kChunksA = kBM * kChunksPerRow / kThreads;  // per thread per stage
   static constexpr int kChunksB = kBN * kChunksPerRow / kThreads;
   static constexpr int kTileLd = kBN + 1;         // odd row stride of the output tile
+  static constexpr int kJB = 4;                   // columns per b fragment (see run())
 
   static_assert(std::is_same<acc_t, float>::value || std::is_same<acc_t, double>::value,
                 "SimtMainloop: acc_t is float or double");
@@ -142,6 +144,7 @@ struct SimtMainloop {
   static_assert(kChunksA * kThreads == kBM * kChunksPerRow, "A stage: whole chunks per thread");
   static_assert(kChunksB * kThreads == kBN * kChunksPerRow, "B stage: whole chunks per thread");
   static_assert(kBN % kWarp == 0 && kBM % kWarp == 0, "tile sides are whole warps");
+  static_assert(kPerN % kJB == 0, "whole column blocks");
 
   struct Shared {
     union alignas(16) U {
@@ -181,7 +184,11 @@ struct SimtMainloop {
   __device__ __forceinline__ static void stage_regs(const scalar_t* __restrict__ X, int64_t n,
                                                     int64_t r0, int64_t D, int64_t k0,
                                                     acc_t (*dst)[kKP]) {
-#pragma unroll
+    // With the cp.async path in the same kernel (float32), one chunk at a time: fully unrolled,
+    // the loads of all chunks in flight at once push the kernel past the 128-register cap
+    // (ptxas reported 8-48 bytes of spills); float16 / bfloat16 keep them all in flight.
+    constexpr int kUnroll = std::is_same<scalar_t, float>::value ? 1 : kChunks;
+#pragma unroll(kUnroll)
     for (int l = 0; l < kChunks; ++l) {
       const int e = threadIdx.x + l * kThreads;
       const int row = e / kChunksPerRow;
@@ -249,19 +256,27 @@ struct SimtMainloop {
       const acc_t(*sb)[kKP] = s.u.stage.b[buf];
 #pragma unroll
       for (int kq = 0; kq < kK; kq += kVec) {
-        acc_t bv[kPerN][kVec];
+        // Columns in blocks of kJB: the b fragment of a block (kJB x kVec values) and one
+        // a vector are live at a time, not all kPerN columns' (register pressure: 8 x 8
+        // float32 would need 64 + 32 + 4 fragment registers and spill at the 128 cap).
 #pragma unroll
-        for (int j = 0; j < kPerN; ++j) simt_detail::lds128(&sb[tx + kSide * j][kq], bv[j]);
+        for (int jb = 0; jb < kPerN; jb += kJB) {
+          acc_t bv[kJB][kVec];
 #pragma unroll
-        for (int i = 0; i < kPerM; ++i) {
-          acc_t av[kVec];
-          simt_detail::lds128(&sa[ty + kSide * i][kq], av);
-          // Features kq, kq + 1, ... in ascending order for every output: the summation
-          // order of SimtMainloop64 / tile_dots (one FFMA per feature), hence the same bits.
+          for (int j = 0; j < kJB; ++j) {
+            simt_detail::lds128(&sb[tx + kSide * (jb + j)][kq], bv[j]);
+          }
 #pragma unroll
-          for (int q = 0; q < kVec; ++q) {
+          for (int i = 0; i < kPerM; ++i) {
+            acc_t av[kVec];
+            simt_detail::lds128(&sa[ty + kSide * i][kq], av);
+            // Features kq, kq + 1, ... in ascending order for every output: the summation
+            // order of SimtMainloop64 / tile_dots (one FFMA per feature), hence the same bits.
 #pragma unroll
-            for (int j = 0; j < kPerN; ++j) acc[i][j] += av[q] * bv[j][q];
+            for (int q = 0; q < kVec; ++q) {
+#pragma unroll
+              for (int j = 0; j < kJB; ++j) acc[i][jb + j] += av[q] * bv[j][q];
+            }
           }
         }
       }
@@ -291,15 +306,26 @@ struct SimtMainloopFor<double> {
   using type = SimtMainloop<double, double, 4, 4, 2>;
 };
 
-// What a GPU session must verify first (nothing here has run yet; compile-checked only):
-//   1. Bits: pairwise_distance / batch_hard_mine on float32 with D % 4 == 0 (cp.async path),
-//      D % 4 != 0 and an offset (misaligned) view (register path), float64, float16 and
-//      bfloat16 equal the reference within tolerance (tests/ with CUDA), and float32 results are
-//      bitwise equal to those of SimtMainloop64 (swap the alias in distance.cuh and compare).
-//   2. compute-sanitizer --tool memcheck, racecheck and synccheck on the CUDA tests: the cp.async
-//      zero-fill of tails (rows >= n, features >= D), the stage / tile aliasing barriers.
-//   3. Occupancy and registers: ncu's achieved occupancy (2 blocks / SM expected for float32) and
-//      no local-memory spills (ptxas reported none at compile time, see the report).
-//   4. Speed: the fused batch-hard forward at N = 16384, D = 256 against cuBLAS x @ x.T.
+// What a GPU session must verify first (nothing of this mainloop, the tile epilogue
+// (distance.cuh: distance_kernel, warp_tile_distance) or the batch-hard forward kernels
+// (batch_hard.cu) has run yet; they are compile-checked only):
+//   1. Correctness: the CUDA tests (tests/ with a GPU: pairwise_distance, batch_hard_mine with
+//      and without a reference set, the losses through the distance chunks, knn) on float32
+//      with D % 4 == 0 (cp.async path), D % 4 != 0 and a misaligned view such as x[:, 1:]
+//      made contiguous at an odd offset (register path), float64, float16 and bfloat16; N not a
+//      multiple of the tile (128 / 64) and N < one tile.
+//   2. Bits: float32 distances bitwise equal to those of SimtMainloop64 / the previous kernels
+//      (same FFMA order by construction), and batch_hard_mine of the batch itself (upper-triangle
+//      hard_mine_sym_kernel) equal to the reference-set path with ref = the batch and
+//      ref_self_index = 0 (full square, hard_mine_partial_kernel), indices and distances.
+//   3. Near zero: all embeddings equal or within 1e-4 of one point (every pair recomputed one
+//      warp per pair by warp_tile_distance): results as the reference, and the time against
+//      random data of the same size (the issue's bar: at most 2x).
+//   4. compute-sanitizer --tool memcheck, racecheck and synccheck on the CUDA tests (cp.async
+//      zero fill of tails, the stage / tile aliasing barriers, the column-info parity buffers of
+//      hard_mine_partial_kernel, the two combine_parts calls of hard_mine_sym_kernel).
+//   5. ncu: achieved occupancy (2 blocks / SM expected for float32 at 128 registers and ~75 KB of
+//      shared memory), local-memory traffic of the small spills ptxas reports for the fused
+//      batch-hard kernels (16-96 bytes), FFMA throughput against cuBLAS x @ x.T.
 }  // namespace cuda
 }  // namespace triplet_cuda
