@@ -1,8 +1,11 @@
 // Distance building blocks of the CUDA kernels:
 //   * per-row statistics (squared norm, cosine inverse norm, cosine gradient scale),
 //   * a 64 x 64 dot-product tile accumulated over D through shared memory (FFMA, acc_t),
-//   * the metric epilogue d = f(<a,b>, |a|^2, |b|^2) and exact pair distances,
-//   * a tiled distance kernel writing (rows x cols) distances.
+//     tile_dots (the original register-tile loop; the fused kernels now use a Mainloop),
+//   * the metric epilogue d = f(<a,b>, |a|^2, |b|^2) and exact pair distances, by one warp
+//     per pair (warp_pair_distance) and for a whole warp of tile elements at once with the
+//     near-zero pairs recomputed one warp per pair (warp_tile_distance),
+//   * a tiled distance kernel writing (rows x cols) distances on the TileMainloop.
 //
 // Precision: float32 / float16 / bfloat16 inputs are converted to float32 when staged in
 // shared memory and every product is accumulated in float32 with plain FFMA (no tensor
@@ -10,6 +13,7 @@
 #pragma once
 
 #include "../epilogue.h"
+#include "mainloop_simt.cuh"
 #include "utils.cuh"
 
 namespace triplet_cuda {
@@ -79,38 +83,6 @@ at::Tensor compute_row_stats(const at::Tensor& x, cudaStream_t stream) {
   return stats;
 }
 
-// ------------------------------------------------------------------------ metric math
-
-// Exact squared distance of rows a and b by explicit differences, by one thread. Used only
-// for the rare pairs whose Gram expansion is within rounding noise of 0.
-template <typename scalar_t, typename acc_t>
-__device__ __noinline__ acc_t thread_squared_distance(const scalar_t* __restrict__ a,
-                                                      const scalar_t* __restrict__ b, int64_t D) {
-  acc_t s = 0;
-  for (int64_t k = 0; k < D; ++k) {
-    const acc_t diff = to_acc<acc_t>(a[k]) - to_acc<acc_t>(b[k]);
-    s += diff * diff;
-  }
-  return s;
-}
-
-// Distance of rows a and b (D features) from their dot product and statistics: the shared
-// epilogue (csrc/epilogue.h, as the CPU) -- the Gram form, the NaN rule (a row whose squared
-// norm is not finite gives NaN), and squared distances within rounding noise of 0
-// (epi::needs_exact) recomputed exactly from the rows, so duplicates and the diagonal are
-// exactly 0; a non-finite recomputed sum is NaN (epi::exact_distance's rule).
-template <Metric M, typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t dist_from_dot(acc_t dot, acc_t sq_a, acc_t inv_a, acc_t sq_b,
-                                               acc_t inv_b, const scalar_t* __restrict__ a,
-                                               const scalar_t* __restrict__ b, int64_t D) {
-  acc_t v = epi::gram_value<M>(dot, sq_a, inv_a, sq_b, inv_b);
-  if (epi::needs_exact<M>(v, sq_a, sq_b)) {
-    const acc_t s = thread_squared_distance<scalar_t, acc_t>(a, b, D);
-    v = epi::is_finite(s) ? s : epi::quiet_nan<acc_t>();
-  }
-  return epi::finish<M>(v);
-}
-
 // ------------------------------------------------------------------------ dot tiles
 
 // A block of kTileThreads = 16 x 16 threads computes a kTile x kTile (64 x 64) tile of
@@ -175,52 +147,6 @@ __device__ __forceinline__ void tile_dots(const scalar_t* __restrict__ A, int64_
   }
 }
 
-// ------------------------------------------------------------------------ distance tiles
-
-// out[r * ldo + c] = d(A_r, B_c), r < nA, c < nB. One block per 64 x 64 output tile; the
-// 1-D grid enumerates tiles row-major (tile = ta * tilesB + tb).
-template <typename scalar_t, typename acc_t, typename out_t, Metric M>
-__global__ void __launch_bounds__(kTileThreads)
-    distance_kernel(const scalar_t* __restrict__ A, RowStats<acc_t> sa, int64_t nA,
-                    const scalar_t* __restrict__ B, RowStats<acc_t> sb, int64_t nB, int64_t D,
-                    out_t* __restrict__ out, int64_t ldo, int64_t tilesB) {
-  __shared__ DotSmem<acc_t> sm;
-  const int64_t tile = blockIdx.x;
-  const int64_t a0 = (tile / tilesB) * kTile;
-  const int64_t b0 = (tile % tilesB) * kTile;
-  acc_t acc[kPer][kPer];
-  tile_dots<scalar_t, acc_t>(A, nA, a0, B, nB, b0, D, sm, acc);
-  const int tx = threadIdx.x % kTileDim, ty = threadIdx.x / kTileDim;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int64_t r = a0 + ty + kTileDim * i;
-    if (r >= nA) continue;
-    const acc_t sq_a = sa.sq[r], inv_a = sa.inv[r];
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      const int64_t c = b0 + tx + kTileDim * j;
-      if (c >= nB) continue;
-      out[r * ldo + c] = static_cast<out_t>(dist_from_dot<M>(
-          acc[i][j], sq_a, inv_a, sb.sq[c], sb.inv[c], A + r * D, B + c * D, D));
-    }
-  }
-}
-
-// Distances between the nA rows of A and the nB rows of B (both (n, D) contiguous on the
-// current device, with their statistics) into out (row stride ldo).
-template <typename scalar_t, typename acc_t, typename out_t, Metric M>
-void launch_distance(const scalar_t* A, RowStats<acc_t> sa, int64_t nA, const scalar_t* B,
-                     RowStats<acc_t> sb, int64_t nB, int64_t D, out_t* out, int64_t ldo,
-                     cudaStream_t stream) {
-  if (nA == 0 || nB == 0) return;
-  const int64_t tilesA = ceil_div(nA, kTile), tilesB = ceil_div(nB, kTile);
-  TORCH_CHECK(tilesA <= kMaxGridX / tilesB, "triplet_cuda: distance grid too large (", nA,
-              " x ", nB, ")");
-  distance_kernel<scalar_t, acc_t, out_t, M><<<grid_1d(tilesA * tilesB), kTileThreads, 0, stream>>>(
-      A, sa, nA, B, sb, nB, D, out, ldo, tilesB);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // ------------------------------------------------------------------------ exact pair distance
 
 // Exact distance of the pair (a, b) by explicit differences (no Gram cancellation),
@@ -244,6 +170,115 @@ __device__ __forceinline__ acc_t warp_pair_distance(const scalar_t* __restrict__
   }
   s = warp_sum(s);
   return epi::exact_distance<M>(s, inv_a, inv_b);
+}
+
+// Distance of the pair (A row ra, B row cb) from its dot product, for the 32 lanes of a warp
+// at once: every lane of the warp must call it together (convergent); a lane with
+// active == false takes part, its rows are never read and its result is meaningless.
+// The shared epilogue's rules (epi::gram_value, epi::finish, the NaN rule); the near-zero rule
+// (epi::needs_exact, Euclidean metrics) without a serial slow path: a ballot collects the
+// lanes whose Gram value is within rounding noise of 0 and the whole warp recomputes them one
+// pair after another (lowest lane first), each by warp_pair_distance (coalesced loads, fixed
+// butterfly sum, epi::exact_distance), so the value of a pair does not depend on which lane or
+// tile asked for it: it is the one hard_mine_finalize_kernel recomputes for a selection.
+// A warp holds at most 32 flagged pairs per call and clears them before it returns (bounded,
+// no shared memory, no block barrier). inv_* are RowStats::inv, sq_* RowStats::sq.
+template <Metric M, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t warp_tile_distance(bool active, acc_t dot,
+                                                    const scalar_t* __restrict__ A, int64_t ra,
+                                                    acc_t sq_a, acc_t inv_a,
+                                                    const scalar_t* __restrict__ B, int64_t cb,
+                                                    acc_t sq_b, acc_t inv_b, int64_t D) {
+  const acc_t v = epi::gram_value<M>(dot, sq_a, inv_a, sq_b, inv_b);
+  acc_t d = epi::finish<M>(v);
+  if constexpr (M != Metric::kCosine) {
+    const bool need = active && epi::needs_exact<M>(v, sq_a, sq_b);
+    unsigned pending = __ballot_sync(0xffffffffu, need);  // the same mask in every lane
+    const int lane = threadIdx.x % kWarp;
+    while (pending != 0u) {  // uniform trip count: the warp stays convergent
+      const int src = __ffs(pending) - 1;
+      pending &= pending - 1u;
+      const int64_t r = __shfl_sync(0xffffffffu, ra, src);
+      const int64_t c = __shfl_sync(0xffffffffu, cb, src);
+      const acc_t ia = __shfl_sync(0xffffffffu, inv_a, src);
+      const acc_t ib = __shfl_sync(0xffffffffu, inv_b, src);
+      const acc_t e = warp_pair_distance<M>(A + r * D, B + c * D, D, ia, ib);
+      if (lane == src) d = e;
+    }
+  }
+  return d;
+}
+
+// Opts a kernel in to `bytes` of dynamic shared memory when that exceeds the default 48 KB
+// (per device: called before every launch, a cheap host-side call).
+template <typename Kernel>
+inline void set_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+// ------------------------------------------------------------------------ distance tiles
+
+// The mainloop of the fused kernels for an embedding type (mainloop.cuh's concept); the one
+// place to switch float16 / bfloat16 to the tensor-core mainloop.
+template <typename scalar_t>
+using TileMainloop = typename SimtMainloopFor<scalar_t>::type;
+
+// out[r * ldo + c] = d(A_r, B_c), r < nA, c < nB. One block per kBM x kBN output tile; the
+// 1-D grid enumerates tiles row-major (tile = ta * tilesB + tb). Epilogue: element
+// e = tid + k * kThreads of the tile is (e / kBN, e % kBN), so a warp takes 32 consecutive
+// columns of one row: conflict-free shared reads, coalesced column statistics and stores.
+template <class ML, typename out_t, Metric M>
+__global__ void __launch_bounds__(ML::kThreads, ML::kMinBlocks)
+    distance_kernel(const typename ML::scalar_t* __restrict__ A,
+                    RowStats<typename ML::acc_t> sa, int64_t nA,
+                    const typename ML::scalar_t* __restrict__ B,
+                    RowStats<typename ML::acc_t> sb, int64_t nB, int64_t D,
+                    out_t* __restrict__ out, int64_t ldo, int64_t tilesB) {
+  using acc_t = typename ML::acc_t;
+  static_assert(ML::kBN % kWarp == 0, "a warp's 32 elements share one tile row");
+  static_assert((ML::kBM * ML::kBN) % ML::kThreads == 0, "whole steps");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& s = *reinterpret_cast<typename ML::Shared*>(smem_raw);
+  const int64_t tile = blockIdx.x;
+  const int64_t a0 = (tile / tilesB) * ML::kBM;
+  const int64_t b0 = (tile % tilesB) * ML::kBN;
+  ML::run(A, nA, a0, B, nB, b0, D, s);
+  constexpr int kSteps = ML::kBM * ML::kBN / ML::kThreads;
+#pragma unroll 4
+  for (int k = 0; k < kSteps; ++k) {  // uniform trip count (warp_tile_distance's ballot)
+    const int e = static_cast<int>(threadIdx.x) + k * ML::kThreads;
+    const int r = e / ML::kBN, c = e % ML::kBN;
+    const int64_t gr = a0 + r, gc = b0 + c;
+    const bool active = gr < nA && gc < nB;
+    const acc_t sq_a = active ? sa.sq[gr] : acc_t(0), inv_a = active ? sa.inv[gr] : acc_t(0);
+    const acc_t sq_b = active ? sb.sq[gc] : acc_t(0), inv_b = active ? sb.inv[gc] : acc_t(0);
+    const acc_t d = warp_tile_distance<M>(active, s.dot(r, c), A, gr, sq_a, inv_a, B, gc, sq_b,
+                                          inv_b, D);
+    if (active) out[gr * ldo + gc] = static_cast<out_t>(d);
+  }
+}
+
+// Distances between the nA rows of A and the nB rows of B (both (n, D) contiguous on the
+// current device, with their statistics) into out (row stride ldo).
+template <typename scalar_t, typename acc_t, typename out_t, Metric M>
+void launch_distance(const scalar_t* A, RowStats<acc_t> sa, int64_t nA, const scalar_t* B,
+                     RowStats<acc_t> sb, int64_t nB, int64_t D, out_t* out, int64_t ldo,
+                     cudaStream_t stream) {
+  using ML = TileMainloop<scalar_t>;
+  static_assert(std::is_same<typename ML::acc_t, acc_t>::value, "the mainloop's acc_t");
+  if (nA == 0 || nB == 0) return;
+  const int64_t tilesA = ceil_div(nA, ML::kBM), tilesB = ceil_div(nB, ML::kBN);
+  TORCH_CHECK(tilesA <= kMaxGridX / tilesB, "triplet_cuda: distance grid too large (", nA,
+              " x ", nB, ")");
+  auto kernel = distance_kernel<ML, out_t, M>;
+  const size_t smem = sizeof(typename ML::Shared);
+  set_dynamic_smem(kernel, smem);
+  kernel<<<grid_1d(tilesA * tilesB), ML::kThreads, smem, stream>>>(A, sa, nA, B, sb, nB, D, out,
+                                                                   ldo, tilesB);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda
