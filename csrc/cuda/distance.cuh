@@ -13,6 +13,7 @@
 #pragma once
 
 #include "../epilogue.h"
+#include "mainloop_mma.cuh"
 #include "mainloop_simt.cuh"
 #include "utils.cuh"
 
@@ -221,10 +222,23 @@ inline void set_dynamic_smem(Kernel kernel, size_t bytes) {
 
 // ------------------------------------------------------------------------ distance tiles
 
-// The mainloop of the fused kernels for an embedding type (mainloop.cuh's concept); the one
-// place to switch float16 / bfloat16 to the tensor-core mainloop.
+// The mainloop of the fused kernels for an embedding type (mainloop.cuh's concept): float32 and
+// float64 on the SIMT mainloop, float16 / bfloat16 on the tensor-core mainloop (mma.sync on
+// sm_80+, its own SIMT fallback below; float32 accumulation of exact products).
 template <typename scalar_t>
-using TileMainloop = typename SimtMainloopFor<scalar_t>::type;
+struct TileMainloopFor {
+  using type = typename SimtMainloopFor<scalar_t>::type;
+};
+template <>
+struct TileMainloopFor<c10::Half> {
+  using type = MmaMainloop<c10::Half>;
+};
+template <>
+struct TileMainloopFor<c10::BFloat16> {
+  using type = MmaMainloop<c10::BFloat16>;
+};
+template <typename scalar_t>
+using TileMainloop = typename TileMainloopFor<scalar_t>::type;
 
 // out[r * ldo + c] = d(A_r, B_c), r < nA, c < nB. One block per kBM x kBN output tile; the
 // 1-D grid enumerates tiles row-major (tile = ta * tilesB + tb). Epilogue: element

@@ -241,6 +241,7 @@ struct MmaMainloop {
   // For __launch_bounds__(kThreads, kMinBlocksPerSM): caps registers at 65536 / (2 x 256) =
   // 128 per thread (occupancy estimate in the header comment).
   static constexpr int kMinBlocksPerSM = 2;
+  static constexpr int kMinBlocks = kMinBlocksPerSM;  // the name the fused kernels use
   static constexpr int kStages = kStages_;
   static constexpr int kBK = 32;                // features per stage (two k16 mma steps)
   static constexpr int kChunks = kBK / 8;       // 16-byte chunks (8 elements) per staged row
