@@ -5,13 +5,16 @@ memcheck, racecheck, synccheck and initcheck; the full suite runs it as ordinary
 Each case is a real test against `triplet_cuda.reference` (float64 on the upcast input), kept
 small so that four sanitizer passes fit in a few minutes:
 
-* N = 270 anchors (four full 64-row tiles and a ragged tail of 14; five 64-wide candidate
-  tiles, so batch hard's candidate splits are combined; more columns than the 256 threads of
-  the per-row kernels, so their strided loops run twice), M = 67 rows for the two-operand
-  distance;
-* D = 33 in float32 (two 16-wide feature stages of the dot tiles and a tail of 1) and D = 135
-  in float16 (three 64-wide gradient column tiles, the last of 7; two 128-column passes of
-  the batch-hard backward);
+* N = 270 anchors (two full 128-row tiles of the float32 / half mainloops and a ragged tail of
+  14, so symmetric batch hard runs diagonal and off-diagonal upper-triangle tiles; five
+  64-row float64 tiles; more columns than the 256 threads of the per-row kernels, so their
+  strided loops run twice), M = 67 rows for the two-operand distance;
+* four (dtype, D) configurations, one per mainloop load path: float32 D = 33 (SimtMainloop's
+  converting register path, D % 4 != 0: two 16-wide feature stages and a tail of 1), float32
+  D = 36 (its cp.async path with the zero-filled feature tail), float16 D = 135 (MmaMainloop's
+  register-staged path, D % 8 != 0; three 64-wide gradient column tiles, the last of 7; two
+  128-column passes of the batch-hard backward) and bfloat16 D = 136 (MmaMainloop's cp.async
+  pipeline, five 32-wide stages, the last of 8);
 * labels with several members per class, singletons and one far label value; two exact
   duplicate rows (the exact recompute of near-zero Gram distances), one of them also in y;
 * every metric, every op forward and backward, and each mining strategy, in both dtypes;
@@ -31,7 +34,8 @@ Kernels and the cases that launch them:
 |---|---|
 | row_stats_kernel, distance_kernel (distance.cuh) | every case |
 | pair_grad_kernel, combine_splits_kernel (pair_grad.cuh) | pairwise distance, batch all, semi hard, contrastive backward |
-| hard_mine_partial_kernel, hard_mine_finalize_kernel (batch_hard.cu) | batch hard, mine_triplets batch_hard |
+| hard_mine_sym_kernel, hard_sym_merge_kernel, hard_mine_finalize_kernel (batch_hard.cu) | batch hard, mine_triplets batch_hard |
+| hard_mine_partial_kernel (batch_hard.cu) | batch hard over a reference set |
 | hard_pair_keys_kernel, hard_backward_kernel (batch_hard.cu) | batch hard backward |
 | row_prefix_sums_kernel, batch_all_rows_kernel (batch_all.cu) | batch all forward / backward |
 | semi_hard_rows_kernel (forward, backward, mine), semi_hard_counts_kernel (semi_hard.cu) | semi hard, mine_triplets semi_hard |
@@ -53,8 +57,8 @@ from triplet_cuda import reference as R
 from conftest import CUDA_AVAILABLE, METRICS, assert_close, assert_distances_close, tolerances
 
 N, M = 270, 67
-# (dtype, D): float32 and one half type, each at its own ragged feature size
-CONFIGS = [(torch.float32, 33), (torch.float16, 135)]
+# (dtype, D): each mainloop load path once (see the module docstring)
+CONFIGS = [(torch.float32, 33), (torch.float32, 36), (torch.float16, 135), (torch.bfloat16, 136)]
 CASES = [pytest.param(dt, d, metric, id=f"{str(dt).split('.')[-1]}-D{d}-{metric}")
          for dt, d in CONFIGS for metric in METRICS]
 
@@ -87,6 +91,8 @@ def tol(dtype, name):
     the half dtypes round the returned value (batch hard also its mined distances)."""
     if dtype == torch.float16:
         return (1e-2, 1e-2) if name == "batch_hard" else (4e-3, 4e-3)
+    if dtype == torch.bfloat16:
+        return (5e-2, 5e-2) if name == "batch_hard" else tolerances(dtype)
     return tolerances(dtype)
 
 
