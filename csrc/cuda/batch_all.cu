@@ -5,9 +5,8 @@
 // once through the Mainloop's tiles, no (rows, C) workspace in the forward, no sort.
 //
 // Otherwise (the sort path): anchors are processed in row chunks (loss_common.cuh): distances
-// of the chunk's rows to
-// all C candidate rows (the batch itself, C = N, or a reference set for batch_all_loss_ref)
-// go to an (R, C) acc_t workspace; per anchor row, the negatives' distances are
+// of the chunk's rows to all C candidate rows (the batch itself, C = N, or a reference set for
+// batch_all_loss_ref) go to an (R, C) acc_t workspace; per anchor row, the negatives' distances are
 // sorted ascending (keys +inf for non-negatives, one segmented at::sort per chunk), and in
 // the backward also the positives'. For a positive p the active negatives
 // (d_ap - d_an + margin > 0, evaluated exactly like that in acc_t) are a prefix of the

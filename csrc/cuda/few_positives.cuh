@@ -325,13 +325,15 @@ void launch_fused_rows(const FusedGrid& g, const typename Mainloop::scalar_t* x,
 }
 
 // Rows per chunk of the backward's weight matrix (bytes_per_elem per (row, candidate)): as
-// chunk_rows, rounded down to a multiple of kBM (at least kBM), so that the chunk's anchor
-// tiles are the forward's (equal tile coordinates: equal dot products).
+// chunk_rows, rounded down to a multiple of kBM (at least kBM, at most 65535 anchor tiles), so
+// that the chunk's anchor tiles are the forward's (equal tile coordinates: equal dot products).
 template <typename Mainloop>
 int64_t fused_chunk_rows(int64_t N, int64_t C, int64_t bytes_per_elem) {
   const int64_t R = chunk_rows(N, C, bytes_per_elem);
   const int64_t all = ceil_div(N, Mainloop::kBM) * Mainloop::kBM;
-  return std::min(all, std::max<int64_t>(Mainloop::kBM, R / Mainloop::kBM * Mainloop::kBM));
+  const int64_t most = 65535 * static_cast<int64_t>(Mainloop::kBM);  // gridDim.y of the weights
+  return std::min({all, most,
+                   std::max<int64_t>(Mainloop::kBM, R / Mainloop::kBM * Mainloop::kBM)});
 }
 
 }  // namespace cuda

@@ -463,7 +463,7 @@ at::Tensor loss_backward_cuda(const at::Tensor& grad_loss_sum, const at::Tensor&
   const int64_t N = x.size(0), D = x.size(1);
   if (N == 0 || D == 0) return at::zeros({N, D}, x.options());
   return std::get<0>(run_backward_of<Policy>(gls, x, x, lab, batch_row_labels(lab), margin,
-                                               metric, /*y_grad=*/false));
+                                             metric, /*y_grad=*/false));
 }
 
 // The checked inputs of a query-vs-reference op: labels, ref_labels, self_index as contiguous
@@ -502,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_ref_forward_cuda(
   const RefInputsCuda in = ref_inputs_cuda(embeddings, labels, ref, ref_labels, self_index, metric);
   if (in.x.size(0) == 0 || in.y.size(0) == 0) return empty_loss(in.x);
   return run_forward_of<Policy>(in.x, in.y, in.ref_lab,
-                                  ref_row_labels(in.lab, in.ref_lab, in.self), margin, metric);
+                                ref_row_labels(in.lab, in.ref_lab, in.self), margin, metric);
 }
 
 // grad_loss_sum: 0-d -> (grad_embeddings (N, D), grad_ref (M, D), or an empty (0,) tensor when
@@ -522,8 +522,8 @@ std::tuple<at::Tensor, at::Tensor> loss_ref_backward_cuda(
             ref_grad ? at::zeros({Mr, D}, in.y.options()) : empty_ref};
   }
   auto [gx, gy] = run_backward_of<Policy>(gls, in.x, in.y, in.ref_lab,
-                                            ref_row_labels(in.lab, in.ref_lab, in.self), margin,
-                                            metric, ref_grad);
+                                          ref_row_labels(in.lab, in.ref_lab, in.self), margin,
+                                          metric, ref_grad);
   return {gx, ref_grad ? gy : empty_ref};
 }
 
