@@ -6,6 +6,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 
 namespace triplet_cuda {
@@ -29,6 +30,8 @@ at::Tensor ones(at::IntArrayRef sizes, const at::TensorOptions& options) {
 at::Tensor zeros_like(const at::Tensor& like) { return at::zeros(like.sizes(), like.options()); }
 
 at::Tensor empty_like(const at::Tensor& like) { return at::empty(like.sizes(), like.options()); }
+
+at::Tensor stack(at::TensorList tensors) { return at::stack(tensors); }
 
 at::Tensor scalar_tensor(const at::Scalar& value, const at::TensorOptions& options) {
   return at::scalar_tensor(value, options);

@@ -26,6 +26,9 @@ at::Tensor ones(at::IntArrayRef sizes, const at::TensorOptions& options);
 at::Tensor zeros_like(const at::Tensor& like);
 at::Tensor empty_like(const at::Tensor& like);
 
+// tensors (each of the same shape) stacked along a new dimension 0.
+at::Tensor stack(at::TensorList tensors);
+
 // A 0-d tensor holding value.
 at::Tensor scalar_tensor(const at::Scalar& value, const at::TensorOptions& options);
 

@@ -1,8 +1,12 @@
 // Batch-all triplet loss on CUDA without the N x N x N tensor.
 //
-// Anchors are processed in row chunks (loss_common.cuh): distances of the chunk's rows to
-// all C candidate rows (the batch itself, C = N, or a reference set for batch_all_loss_ref)
-// go to an (R, C) acc_t workspace; per anchor row, the negatives' distances are
+// Few positives per anchor (every anchor at most kFusedMaxPositives, the usual P x K batch):
+// the fused path below (few_positives.cuh) -- positives' distances first, negatives streamed
+// once through the Mainloop's tiles, no (rows, C) workspace in the forward, no sort.
+//
+// Otherwise (the sort path): anchors are processed in row chunks (loss_common.cuh): distances
+// of the chunk's rows to all C candidate rows (the batch itself, C = N, or a reference set for
+// batch_all_loss_ref) go to an (R, C) acc_t workspace; per anchor row, the negatives' distances are
 // sorted ascending (keys +inf for non-negatives, one segmented at::sort per chunk), and in
 // the backward also the positives'. For a positive p the active negatives
 // (d_ap - d_an + margin > 0, evaluated exactly like that in acc_t) are a prefix of the
@@ -23,6 +27,7 @@
 // sorted keys are not searched (NaN sorts after the +inf keys, see loss_common.cuh).
 #include <torch/library.h>
 
+#include "few_positives.cuh"
 #include "loss_common.cuh"
 
 namespace triplet_cuda {
@@ -134,12 +139,407 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// ------------------------------------------------------------------------ fused path
+
+// Few positives per anchor (few_positives.cuh): each anchor's positive distances first (step
+// 1), then its negatives streamed once through the Mainloop's tiles (step 2), each negative
+// scored against all of the anchor's positives at once (epi::batch_all_term per lane, the
+// CPU's fused scan). The anchor's positives sit in W lanes (4, 8 or 16: the fewest that hold
+// every anchor's); unused lanes hold epi::batch_all_pad() (-inf: never active, add +0).
+//   Forward: per (split, anchor) the float64 sum of the terms (each negative's W terms summed
+//   in acc_t, then added in float64), the active count, a NaN flag; splits combined in order.
+//   Backward: per (split, anchor, lane) the count of negatives active with the lane's
+//   positive, combined over splits; then per chunk of anchor rows the weight matrix of the
+//   gradient GEMM (pair_grad.cuh, as the sort path), built from recomputed tiles:
+//     W[a, n] = -#{positives p of a: d_ap - d_an + margin > 0}   (negatives n),
+//     W[a, p] = #{negatives active with p}                         (positives p),
+//   and the distances of those entries (the tile's for negatives, step 1's for positives).
+// NaN rule (as the CPU's fused_forward / fused_backward and the sort path): an anchor with a
+// positive and a negative whose positive or negative distances hold a NaN gets a NaN loss sum
+// (valid count P Q unchanged, positive count 0) and NaN weights on every j != self.
+
+template <typename acc_t_, int W>
+struct BatchAllForwardEpi {
+  using acc_t = acc_t_;
+  static constexpr int K = kFusedMaxPositives;
+  struct Params {
+    const int64_t* npos;  // (N)
+    const acc_t* dap;     // (N, K)
+    acc_t margin;
+    double* part_sum;     // (splits, N)
+    int64_t* part_count;  // (splits, N)
+    uint8_t* part_nan;    // (splits, N)
+  };
+  struct Row {
+    acc_t dap[W];
+    acc_t margin;
+  };
+  struct Acc {
+    double sum;
+    int64_t count;
+    bool nan;
+  };
+  struct Slot {
+    double sum;
+    int64_t count;
+    int nan;
+  };
+  __device__ static void load_row(const Params& p, int64_t a, Row& row) {
+    const int64_t P = p.npos[a];
+#pragma unroll
+    for (int k = 0; k < W; ++k) row.dap[k] = k < P ? p.dap[a * K + k] : epi::batch_all_pad<acc_t>();
+    row.margin = p.margin;
+  }
+  __device__ static void init(Acc& acc) {
+    acc.sum = 0;
+    acc.count = 0;
+    acc.nan = false;
+  }
+  template <typename Exact>
+  __device__ static void visit(Acc& acc, const Row& row, acc_t d, int64_t, Exact&&) {
+    acc_t s = 0;
+    int c = 0;
+#pragma unroll
+    for (int k = 0; k < W; ++k) {  // epi::batch_all_negative over the W lanes
+      bool on;
+      s += epi::batch_all_term(row.dap[k], d, row.margin, &on);
+      c += on;
+    }
+    acc.sum += static_cast<double>(s);
+    acc.count += c;
+    acc.nan |= epi::is_nan(d);
+  }
+  __device__ static void save(const Acc& acc, Slot& s) {
+    s.sum = acc.sum;
+    s.count = acc.count;
+    s.nan = acc.nan;
+  }
+  __device__ static void merge(Acc& acc, const Slot& s) {
+    acc.sum += s.sum;
+    acc.count += s.count;
+    acc.nan |= s.nan != 0;
+  }
+  __device__ static void store(const Params& p, int64_t split, int64_t N, int64_t a,
+                               const Acc& acc) {
+    p.part_sum[split * N + a] = acc.sum;
+    p.part_count[split * N + a] = acc.count;
+    p.part_nan[split * N + a] = acc.nan ? 1 : 0;
+  }
+};
+
+// Backward step 2: per (anchor, lane k) the negatives active with positive k.
+template <typename acc_t_, int W>
+struct BatchAllCountEpi {
+  using acc_t = acc_t_;
+  static constexpr int K = kFusedMaxPositives;
+  struct Params {
+    const int64_t* npos;  // (N)
+    const acc_t* dap;     // (N, K)
+    acc_t margin;
+    int32_t* part_count;  // (splits, N, W): a split sees fewer than 2^31 candidates
+    uint8_t* part_nan;    // (splits, N)
+  };
+  struct Row {
+    acc_t dap[W];
+    acc_t margin;
+  };
+  struct Acc {
+    int32_t count[W];
+    bool nan;
+  };
+  struct Slot {
+    int32_t count[W];
+    int nan;
+  };
+  __device__ static void load_row(const Params& p, int64_t a, Row& row) {
+    const int64_t P = p.npos[a];
+#pragma unroll
+    for (int k = 0; k < W; ++k) row.dap[k] = k < P ? p.dap[a * K + k] : epi::batch_all_pad<acc_t>();
+    row.margin = p.margin;
+  }
+  __device__ static void init(Acc& acc) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc.count[k] = 0;
+    acc.nan = false;
+  }
+  template <typename Exact>
+  __device__ static void visit(Acc& acc, const Row& row, acc_t d, int64_t, Exact&&) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      bool on;
+      epi::batch_all_term(row.dap[k], d, row.margin, &on);
+      acc.count[k] += on;
+    }
+    acc.nan |= epi::is_nan(d);
+  }
+  __device__ static void save(const Acc& acc, Slot& s) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) s.count[k] = acc.count[k];
+    s.nan = acc.nan;
+  }
+  __device__ static void merge(Acc& acc, const Slot& s) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc.count[k] += s.count[k];
+    acc.nan |= s.nan != 0;
+  }
+  __device__ static void store(const Params& p, int64_t split, int64_t N, int64_t a,
+                               const Acc& acc) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) p.part_count[(split * N + a) * W + k] = acc.count[k];
+    p.part_nan[split * N + a] = acc.nan ? 1 : 0;
+  }
+};
+
+// Whether anchor a's positive distances hold a NaN (step 1's; the negatives' are step 2's).
+template <typename acc_t>
+__device__ __forceinline__ bool positives_nan(const acc_t* __restrict__ dap, int64_t a,
+                                              int64_t P) {
+  bool nan = false;
+  for (int64_t k = 0; k < P; ++k) nan |= epi::is_nan(dap[a * kFusedMaxPositives + k]);
+  return nan;
+}
+
+// Forward: per anchor, the splits in ascending order -> loss_rows / valid_rows / pos_rows.
+template <typename acc_t>
+__global__ void batch_all_fused_finalize_kernel(
+    int64_t N, int64_t splits, const int64_t* __restrict__ npos, const int64_t* __restrict__ nneg,
+    const acc_t* __restrict__ dap, const double* __restrict__ part_sum, const int64_t* __restrict__ part_count,
+    const uint8_t* __restrict__ part_nan, double* __restrict__ loss_rows,
+    int64_t* __restrict__ valid_rows, int64_t* __restrict__ pos_rows) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t a = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; a < N;
+       a += stride) {
+    const int64_t P = npos[a], valid = P * nneg[a];
+    double sum = 0;
+    int64_t count = 0;
+    bool nan = positives_nan(dap, a, P);
+    for (int64_t s = 0; s < splits; ++s) {
+      sum += part_sum[s * N + a];
+      count += part_count[s * N + a];
+      nan |= part_nan[s * N + a] != 0;
+    }
+    const bool nan_terms = nan && valid > 0;
+    loss_rows[a] = valid == 0 ? 0.0 : (nan_terms ? epi::quiet_nan<double>() : sum);
+    valid_rows[a] = valid;
+    pos_rows[a] = (valid == 0 || nan_terms) ? 0 : count;
+  }
+}
+
+// Backward: counts[a K + k] = negatives active with positive k (k < W), nan_terms[a] = the NaN
+// rule applies to anchor a.
+template <typename acc_t, int W>
+__global__ void batch_all_count_finalize_kernel(int64_t N, int64_t splits,
+                                                const int64_t* __restrict__ npos,
+                                                const int64_t* __restrict__ nneg,
+                                                const acc_t* __restrict__ dap,
+                                                const int32_t* __restrict__ part_count,
+                                                const uint8_t* __restrict__ part_nan,
+                                                int64_t* __restrict__ counts,
+                                                uint8_t* __restrict__ nan_terms) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t a = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; a < N;
+       a += stride) {
+    const int64_t P = npos[a];
+    bool nan = positives_nan(dap, a, P);
+    for (int64_t s = 0; s < splits; ++s) nan |= part_nan[s * N + a] != 0;
+    for (int k = 0; k < W; ++k) {
+      int64_t c = 0;
+      for (int64_t s = 0; s < splits; ++s) c += part_count[(s * N + a) * W + k];
+      counts[a * kFusedMaxPositives + k] = c;
+    }
+    nan_terms[a] = (nan && P > 0 && nneg[a] > 0) ? 1 : 0;
+  }
+}
+
+// Backward, one chunk of anchor rows [i0, i0 + r) (i0 a multiple of kBM): Wc[row, n] and
+// Dc[row, n] (row stride C) for every candidate n, from the recomputed tile
+// (blockIdx.x: candidate tile, blockIdx.y: anchor tile of the chunk):
+//   NaN rule: W = D = NaN for n != self, 0 for self;
+//   negative n: W = -(active lanes), D = d_an where W != 0, else 0;
+//   the anchor's own class: W = D = 0 (batch_all_positive_weights_kernel fills the positives).
+// Thread (column c = tid % kBN, row group) covers rows of the tile: coalesced along n.
+template <typename Mainloop, Metric M, int W>
+__global__ void __launch_bounds__(Mainloop::kThreads)
+    batch_all_weights_kernel(const typename Mainloop::scalar_t* __restrict__ x,
+                             RowStats<typename Mainloop::acc_t> sx,
+                             const typename Mainloop::scalar_t* __restrict__ y,
+                             RowStats<typename Mainloop::acc_t> sy, RowLabels l, int64_t D,
+                             int64_t i0, int64_t r, const int64_t* __restrict__ npos,
+                             const typename Mainloop::acc_t* __restrict__ dap,
+                             const uint8_t* __restrict__ nan_terms,
+                             typename Mainloop::acc_t margin,
+                             typename Mainloop::acc_t* __restrict__ Wc,
+                             typename Mainloop::acc_t* __restrict__ Dc) {
+  using scalar_t = typename Mainloop::scalar_t;
+  using acc_t = typename Mainloop::acc_t;
+  constexpr int K = kFusedMaxPositives;
+  constexpr int kBM = Mainloop::kBM, kBN = Mainloop::kBN, kThreads = Mainloop::kThreads;
+  static_assert(kThreads % kBN == 0, "whole row groups per column");
+  constexpr int kGroups = kThreads / kBN;
+  static_assert(kBM % kGroups == 0, "equal row groups");
+  constexpr int kRows = kBM / kGroups;
+  __shared__ typename Mainloop::Shared ms;
+  const int64_t C = l.cols;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int64_t a0 = i0 + static_cast<int64_t>(blockIdx.y) * kBM;
+  const int64_t a_end = i0 + r;
+  Mainloop::run(x, a_end, a0, y, C, b0, D, ms);  // every thread, once
+  const int c = threadIdx.x % kBN;
+  const int rg = threadIdx.x / kBN;
+  const int64_t n = b0 + c;
+  if (n >= C) return;  // no barrier follows
+  const int64_t ln = l.cand[n];
+  const acc_t sq_n = sy.sq[n], inv_n = sy.inv[n];
+  const scalar_t* __restrict__ yn = y + n * D;
+  for (int m = 0; m < kRows; ++m) {
+    const int rr = rg * kRows + m;
+    const int64_t a = a0 + rr;
+    if (a >= a_end) break;
+    const int64_t e = (a - i0) * C + n;
+    acc_t w = 0, dv = 0;
+    if (nan_terms[a] != 0) {  // NaN distance too: pair_grad's 0-distance rule must not apply
+      const bool self = n == l.self_of(a);
+      w = self ? acc_t(0) : epi::quiet_nan<acc_t>();
+      dv = w;
+    } else if (ln != l.anchor[a]) {
+      const acc_t d = dist_from_dot<M>(ms.dot(rr, c), sx.sq[a], sx.inv[a], sq_n, inv_n,
+                                       x + a * D, yn, D);
+      const int64_t P = npos[a];
+      int active = 0;
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        bool on;
+        const acc_t dk = k < P ? dap[a * K + k] : epi::batch_all_pad<acc_t>();
+        epi::batch_all_term(dk, d, margin, &on);
+        active += on;
+      }
+      w = -static_cast<acc_t>(active);
+      dv = active > 0 ? d : acc_t(0);
+    }
+    Wc[e] = w;
+    Dc[e] = dv;
+  }
+}
+
+// Backward, the chunk's positive entries: Wc[row, p_k] = counts[a, k] and Dc = d_ap (step 1's)
+// where that count is not 0 and the NaN rule does not apply. One thread per (row, k); the
+// entries are distinct.
+template <typename acc_t>
+__global__ void batch_all_positive_weights_kernel(int64_t i0, int64_t r, int64_t C,
+                                                  const int64_t* __restrict__ npos,
+                                                  const int64_t* __restrict__ pidx,
+                                                  const acc_t* __restrict__ dap,
+                                                  const int64_t* __restrict__ counts,
+                                                  const uint8_t* __restrict__ nan_terms,
+                                                  acc_t* __restrict__ Wc, acc_t* __restrict__ Dc) {
+  constexpr int K = kFusedMaxPositives;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < r * K;
+       e += stride) {
+    const int64_t row = e / K, k = e % K, a = i0 + row;
+    if (k >= npos[a] || nan_terms[a] != 0 || counts[a * K + k] == 0) continue;
+    const int64_t q = row * C + pidx[a * K + k];
+    Wc[q] = static_cast<acc_t>(counts[a * K + k]);
+    Dc[q] = dap[a * K + k];
+  }
+}
+
+template <typename scalar_t, typename acc_t, Metric M, int W>
+void batch_all_fused_forward(const FusedInputs& in, RowStats<acc_t> sx, RowStats<acc_t> sy,
+                             const FewPositives& f, acc_t margin, const RowResults& rows) {
+  using ML = FusedMainloop<scalar_t, acc_t>;
+  using Epi = BatchAllForwardEpi<acc_t, W>;
+  const int64_t N = in.x.size(0), C = in.l.cols, D = in.x.size(1);
+  const FusedGrid g = fused_grid<ML>(N, C);
+  const auto opts = in.x.options();
+  const at::Tensor part_sum = empty({g.splits, N}, opts.dtype(at::kDouble));
+  const at::Tensor part_count = empty({g.splits, N}, opts.dtype(at::kLong));
+  const at::Tensor part_nan = empty({g.splits, N}, opts.dtype(at::kByte));
+  const typename Epi::Params p{f.npos.data_ptr<int64_t>(), f.dap.data_ptr<acc_t>(), margin,
+                               part_sum.data_ptr<double>(), part_count.data_ptr<int64_t>(),
+                               part_nan.data_ptr<uint8_t>()};
+  launch_fused_rows<ML, M, Epi>(g, in.x.data_ptr<scalar_t>(), sx, N, in.y.data_ptr<scalar_t>(),
+                                sy, in.l, D, p, in.stream);
+  batch_all_fused_finalize_kernel<acc_t>
+      <<<elementwise_grid(N), kElementwiseThreads, 0, in.stream>>>(
+      N, g.splits, f.npos.data_ptr<int64_t>(), f.nneg.data_ptr<int64_t>(),
+      f.dap.data_ptr<acc_t>(), part_sum.data_ptr<double>(), part_count.data_ptr<int64_t>(), part_nan.data_ptr<uint8_t>(),
+      rows.loss.data_ptr<double>(), rows.valid.data_ptr<int64_t>(),
+      rows.positive.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Adds the gradient of the loss sum (unscaled) to Gx (and gy: Gy, Gx itself for the batch, or
+// null), chunk by chunk of anchor rows.
+template <typename scalar_t, typename acc_t, Metric M, int W>
+void batch_all_fused_backward(const FusedInputs& in, RowStats<acc_t> sx, RowStats<acc_t> sy,
+                              const FewPositives& f, acc_t margin, at::Tensor& Gx,
+                              at::Tensor* gy) {
+  using ML = FusedMainloop<scalar_t, acc_t>;
+  using Epi = BatchAllCountEpi<acc_t, W>;
+  constexpr int K = kFusedMaxPositives;
+  const int64_t N = in.x.size(0), C = in.l.cols, D = in.x.size(1);
+  const scalar_t* xp = in.x.data_ptr<scalar_t>();
+  const scalar_t* yp = in.y.data_ptr<scalar_t>();
+  const auto opts = in.x.options();
+  // Step 2: active negatives per (anchor, positive).
+  const FusedGrid g = fused_grid<ML>(N, C);
+  const at::Tensor part_count = empty({g.splits, N, W}, opts.dtype(at::kInt));
+  const at::Tensor part_nan = empty({g.splits, N}, opts.dtype(at::kByte));
+  const typename Epi::Params p{f.npos.data_ptr<int64_t>(), f.dap.data_ptr<acc_t>(), margin,
+                               part_count.data_ptr<int32_t>(), part_nan.data_ptr<uint8_t>()};
+  launch_fused_rows<ML, M, Epi>(g, xp, sx, N, yp, sy, in.l, D, p, in.stream);
+  const at::Tensor counts = zeros({N, K}, opts.dtype(at::kLong));
+  const at::Tensor nan_terms = empty({N}, opts.dtype(at::kByte));
+  batch_all_count_finalize_kernel<acc_t, W>
+      <<<elementwise_grid(N), kElementwiseThreads, 0, in.stream>>>(
+          N, g.splits, f.npos.data_ptr<int64_t>(), f.nneg.data_ptr<int64_t>(),
+          f.dap.data_ptr<acc_t>(), part_count.data_ptr<int32_t>(), part_nan.data_ptr<uint8_t>(),
+          counts.data_ptr<int64_t>(), nan_terms.data_ptr<uint8_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The weight matrix chunk by chunk, then the gradient GEMM (pair_grad.cuh).
+  const int64_t R = fused_chunk_rows<ML>(N, C, 2 * static_cast<int64_t>(sizeof(acc_t)));
+  const auto acc_options = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor Wc = empty({R, C}, acc_options);
+  const at::Tensor Dc = empty({R, C}, acc_options);
+  const int64_t tilesC = ceil_div(C, ML::kBN);
+  for (int64_t i0 = 0; i0 < N; i0 += R) {
+    const int64_t r = std::min(R, N - i0);
+    const int64_t tilesR = ceil_div(r, ML::kBM);
+    TORCH_CHECK(tilesC <= kMaxGridX && tilesR <= 65535, "triplet_cuda: weight grid too large");
+    const dim3 grid(static_cast<unsigned int>(tilesC), static_cast<unsigned int>(tilesR));
+    batch_all_weights_kernel<ML, M, W><<<grid, ML::kThreads, 0, in.stream>>>(
+        xp, sx, yp, sy, in.l, D, i0, r, f.npos.data_ptr<int64_t>(), f.dap.data_ptr<acc_t>(),
+        nan_terms.data_ptr<uint8_t>(), margin, Wc.data_ptr<acc_t>(), Dc.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    batch_all_positive_weights_kernel<acc_t>
+        <<<elementwise_grid(r * K), kElementwiseThreads, 0, in.stream>>>(
+            i0, r, C, f.npos.data_ptr<int64_t>(), f.pidx.data_ptr<int64_t>(),
+            f.dap.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), nan_terms.data_ptr<uint8_t>(),
+            Wc.data_ptr<acc_t>(), Dc.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    add_chunk_grad<scalar_t, acc_t, M>(Wc, Dc, in.x, sx, in.y, sy, i0, r, Gx, gy, in.stream);
+  }
+}
+
 // The batch-all loss for loss_forward_cuda / loss_backward_cuda (loss_common.cuh): every
 // (anchor, positive, negative) triplet with term relu(d_ap - d_an + margin).
 struct BatchAllLoss {
   static constexpr bool kLabelGroups = true;
   static constexpr const char* kForwardName = "batch_all_loss_cuda";
   static constexpr const char* kBackwardName = "batch_all_loss_backward_cuda";
+
+  // Its own driver (loss_common.cuh's HasOwnDriver): the fused path when every anchor has at
+  // most kFusedMaxPositives positives (and the candidates are fewer than 2^31), else the
+  // chunk + sort path below (run_loss_forward / run_loss_backward with this policy).
+  static constexpr bool kOwnDriver = true;
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
+      const at::Tensor& x, const at::Tensor& y, const at::Tensor& cand_labels, const RowLabels& l,
+      double margin, int64_t metric);
+  static std::tuple<at::Tensor, at::Tensor> run_backward(
+      const at::Tensor& gls, const at::Tensor& x, const at::Tensor& y,
+      const at::Tensor& cand_labels, const RowLabels& l, double margin, int64_t metric,
+      bool y_grad);
 
   // Bytes of chunk workspace per (row, column) element: distances, keys, sorted values
   // and their int64 sort indices for one or two key sets, float64 prefix sums.
@@ -190,6 +590,88 @@ struct BatchAllLoss {
     return Wc;
   }
 };
+
+
+// The fused path when every anchor has at most kFusedMaxPositives positives (and fewer than
+// 2^31 candidates), else the sort path (run_loss_forward / run_loss_backward).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> BatchAllLoss::run_forward(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& cand_labels, const RowLabels& l,
+    double margin, int64_t metric) {
+  const int64_t C = y.size(0);
+  if (C > std::numeric_limits<int32_t>::max()) {
+    return run_loss_forward<BatchAllLoss>(x, y, cand_labels, l, margin, metric);
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups = label_groups(cand_labels, stream);
+  const RowResults rows = make_row_results(x);
+  bool fused = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "batch_all_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const at::Tensor stats_y =
+        l.symmetric() ? stats_x : compute_row_stats<scalar_t, acc_t>(y, stream);
+    const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
+    const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      const FewPositives f =
+          collect_positives<scalar_t, acc_t, kM>(x, sx, y, sy, l, groups, false, stream);
+      if (!f.fits) return;
+      fused = true;
+      dispatch_lanes(f.W, [&](auto w) {
+        batch_all_fused_forward<scalar_t, acc_t, kM, decltype(w)::value>(
+            FusedInputs{x, y, l, stream}, sx, sy, f, static_cast<acc_t>(margin), rows);
+      });
+    });
+  });
+  if (!fused) return run_loss_forward<BatchAllLoss>(x, y, cand_labels, l, margin, metric);
+  return finalize_loss(rows, x, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor> BatchAllLoss::run_backward(
+    const at::Tensor& gls, const at::Tensor& x, const at::Tensor& y,
+    const at::Tensor& cand_labels, const RowLabels& l, double margin, int64_t metric,
+    bool y_grad) {
+  const int64_t N = x.size(0), C = y.size(0), D = x.size(1);
+  if (C > std::numeric_limits<int32_t>::max()) {
+    return run_loss_backward<BatchAllLoss>(gls, x, y, cand_labels, l, margin, metric, y_grad);
+  }
+  const bool same_set = l.symmetric();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups = label_groups(cand_labels, stream);
+  at::Tensor grad_x, grad_y;
+  bool fused = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "batch_all_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const at::Tensor stats_y = same_set ? stats_x : compute_row_stats<scalar_t, acc_t>(y, stream);
+    const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
+    const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      const FewPositives f =
+          collect_positives<scalar_t, acc_t, kM>(x, sx, y, sy, l, groups, false, stream);
+      if (!f.fits && f.any_valid) return;  // the sort path
+      fused = true;
+      at::Tensor Gx = zeros({N, D}, acc_options);
+      at::Tensor Gy = (!same_set && y_grad) ? zeros({C, D}, acc_options) : at::Tensor();
+      at::Tensor* gy = same_set ? &Gx : (y_grad ? &Gy : nullptr);
+      if (f.any_valid) {  // else the loss is the constant 0: its gradient is exactly 0
+        dispatch_lanes(f.W, [&](auto w) {
+          batch_all_fused_backward<scalar_t, acc_t, kM, decltype(w)::value>(
+              FusedInputs{x, y, l, stream}, sx, sy, f, static_cast<acc_t>(margin), Gx, gy);
+        });
+      }
+      grad_x = finish_grad<scalar_t, acc_t>(Gx, gls, x, stream);
+      if (Gy.defined()) grad_y = finish_grad<scalar_t, acc_t>(Gy, gls, y, stream);
+    });
+  });
+  if (!fused) {
+    return run_loss_backward<BatchAllLoss>(gls, x, y, cand_labels, l, margin, metric, y_grad);
+  }
+  return {grad_x, grad_y};
+}
 
 }  // namespace
 

@@ -210,6 +210,35 @@ __device__ __forceinline__ acc_t warp_tile_distance(bool active, acc_t dot,
   return d;
 }
 
+// Distance of rows a and b from their dot product, by ONE thread: the Gram form, the NaN rule,
+// and a near-zero pair (epi::needs_exact) recomputed exactly by this thread, serially over D
+// (epi::exact_distance's rule on the sum). Used where a thread cannot count on its warp being
+// converged on the same tile step (the fused few-positives kernels, few_positives.cuh /
+// batch_all.cu); the tile kernels use warp_tile_distance, whose recompute is one warp per pair.
+// Equal to warp_tile_distance except for the summation order of a recomputed pair.
+template <typename scalar_t, typename acc_t>
+__device__ __noinline__ acc_t thread_squared_distance(const scalar_t* __restrict__ a,
+                                                      const scalar_t* __restrict__ b, int64_t D) {
+  acc_t s = 0;
+  for (int64_t k = 0; k < D; ++k) {
+    const acc_t diff = to_acc<acc_t>(a[k]) - to_acc<acc_t>(b[k]);
+    s += diff * diff;
+  }
+  return s;
+}
+
+template <Metric M, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t dist_from_dot(acc_t dot, acc_t sq_a, acc_t inv_a, acc_t sq_b,
+                                               acc_t inv_b, const scalar_t* __restrict__ a,
+                                               const scalar_t* __restrict__ b, int64_t D) {
+  acc_t v = epi::gram_value<M>(dot, sq_a, inv_a, sq_b, inv_b);
+  if (epi::needs_exact<M>(v, sq_a, sq_b)) {
+    const acc_t s = thread_squared_distance<scalar_t, acc_t>(a, b, D);
+    v = epi::is_finite(s) ? s : epi::quiet_nan<acc_t>();
+  }
+  return epi::finish<M>(v);
+}
+
 // Opts a kernel in to `bytes` of dynamic shared memory when that exceeds the default 48 KB
 // (per device: called before every launch, a cheap host-side call).
 template <typename Kernel>

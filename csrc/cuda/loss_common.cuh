@@ -401,6 +401,43 @@ std::tuple<at::Tensor, at::Tensor> run_loss_backward(const at::Tensor& gls, cons
   return {grad_x, grad_y};
 }
 
+// A policy may replace the chunk driver by its own (batch all / semi hard: the fused
+// few-positives path of few_positives.cuh, falling back to run_loss_forward / backward): it
+// then defines kOwnDriver and static run_forward / run_backward with the signatures of
+// run_loss_forward / run_loss_backward (without the Policy parameter).
+template <typename Policy, typename = void>
+struct HasOwnDriver : std::false_type {};
+template <typename Policy>
+struct HasOwnDriver<Policy, std::void_t<decltype(Policy::kOwnDriver)>> : std::true_type {};
+
+template <typename Policy>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward_of(const at::Tensor& x,
+                                                              const at::Tensor& y,
+                                                              const at::Tensor& cand_labels,
+                                                              const RowLabels& l, double margin,
+                                                              int64_t metric) {
+  if constexpr (HasOwnDriver<Policy>::value) {
+    static_assert(Policy::kOwnDriver, "kOwnDriver: true when defined");
+    return Policy::run_forward(x, y, cand_labels, l, margin, metric);
+  } else {
+    return run_loss_forward<Policy>(x, y, cand_labels, l, margin, metric);
+  }
+}
+
+template <typename Policy>
+std::tuple<at::Tensor, at::Tensor> run_backward_of(const at::Tensor& gls, const at::Tensor& x,
+                                                   const at::Tensor& y,
+                                                   const at::Tensor& cand_labels,
+                                                   const RowLabels& l, double margin,
+                                                   int64_t metric, bool y_grad) {
+  if constexpr (HasOwnDriver<Policy>::value) {
+    static_assert(Policy::kOwnDriver, "kOwnDriver: true when defined");
+    return Policy::run_backward(gls, x, y, cand_labels, l, margin, metric, y_grad);
+  } else {
+    return run_loss_backward<Policy>(gls, x, y, cand_labels, l, margin, metric, y_grad);
+  }
+}
+
 // embeddings: (N, D), labels: (N,) any integer dtype, margin, metric
 //   -> (loss_sum 0-d acc dtype, num_valid 0-d int64, num_positive 0-d int64).
 template <typename Policy>
@@ -411,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tenso
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const at::Tensor x = embeddings.contiguous();
   if (x.size(0) == 0) return empty_loss(x);
-  return run_loss_forward<Policy>(x, x, lab, batch_row_labels(lab), margin, metric);
+  return run_forward_of<Policy>(x, x, lab, batch_row_labels(lab), margin, metric);
 }
 
 // grad_loss_sum: 0-d; embeddings (N, D), labels (N,), margin, metric (the forward's inputs)
@@ -425,8 +462,8 @@ at::Tensor loss_backward_cuda(const at::Tensor& grad_loss_sum, const at::Tensor&
   const at::Tensor gls = check_grad_loss_sum(grad_loss_sum, x);
   const int64_t N = x.size(0), D = x.size(1);
   if (N == 0 || D == 0) return zeros({N, D}, x.options());
-  return std::get<0>(run_loss_backward<Policy>(gls, x, x, lab, batch_row_labels(lab), margin,
-                                               metric, /*y_grad=*/false));
+  return std::get<0>(run_backward_of<Policy>(gls, x, x, lab, batch_row_labels(lab), margin,
+                                             metric, /*y_grad=*/false));
 }
 
 // The checked inputs of a query-vs-reference op: labels, ref_labels, self_index as contiguous
@@ -464,8 +501,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_ref_forward_cuda(
   const c10::cuda::CUDAGuard guard(ref_op_device(embeddings).device());
   const RefInputsCuda in = ref_inputs_cuda(embeddings, labels, ref, ref_labels, self_index, metric);
   if (in.x.size(0) == 0 || in.y.size(0) == 0) return empty_loss(in.x);
-  return run_loss_forward<Policy>(in.x, in.y, in.ref_lab,
-                                  ref_row_labels(in.lab, in.ref_lab, in.self), margin, metric);
+  return run_forward_of<Policy>(in.x, in.y, in.ref_lab,
+                                ref_row_labels(in.lab, in.ref_lab, in.self), margin, metric);
 }
 
 // grad_loss_sum: 0-d -> (grad_embeddings (N, D), grad_ref (M, D), or an empty (0,) tensor when
@@ -484,9 +521,9 @@ std::tuple<at::Tensor, at::Tensor> loss_ref_backward_cuda(
     return {zeros({N, D}, in.x.options()),
             ref_grad ? zeros({Mr, D}, in.y.options()) : empty_ref};
   }
-  auto [gx, gy] = run_loss_backward<Policy>(gls, in.x, in.y, in.ref_lab,
-                                            ref_row_labels(in.lab, in.ref_lab, in.self), margin,
-                                            metric, ref_grad);
+  auto [gx, gy] = run_backward_of<Policy>(gls, in.x, in.y, in.ref_lab,
+                                          ref_row_labels(in.lab, in.ref_lab, in.self), margin,
+                                          metric, ref_grad);
   return {gx, ref_grad ? gy : empty_ref};
 }
 

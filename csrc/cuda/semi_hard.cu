@@ -4,7 +4,12 @@
 // the one with the smallest d_an > d_ap (strict), else the one with the largest d_an;
 // ties go to the lowest index; term = relu(d_ap - d_an + margin).
 //
-// Anchors are processed in row chunks (loss_common.cuh): distances of the chunk's rows to
+// Few positives per anchor (every anchor at most kFusedMaxPositives, the usual P x K batch):
+// the fused path below (few_positives.cuh) -- positives' distances first, negatives streamed
+// once through the Mainloop's tiles, no (rows, C) workspace in the forward, no sort; the loss
+// and mine_triplets(strategy="semi_hard") share its choices, as on the CPU.
+//
+// Otherwise (the sort path): anchors are processed in row chunks (loss_common.cuh): distances of the chunk's rows to
 // all C candidate rows (the batch itself, C = N, or a reference set for the *_ref ops) in an
 // (R, C) acc_t workspace; per row, the negatives' distances are sorted
 // stably (keys +inf for non-negatives; one segmented at::sort per chunk), so the sorted
@@ -29,6 +34,7 @@
 #include <torch/library.h>
 
 #include "internal.cuh"
+#include "few_positives.cuh"
 #include "loss_common.cuh"
 
 namespace triplet_cuda {
@@ -202,6 +208,298 @@ __global__ void semi_hard_counts_kernel(RowLabels l, const int64_t* __restrict__
   }
 }
 
+// ------------------------------------------------------------------------ fused path
+
+// Few positives per anchor (few_positives.cuh), the CPU's mine_fused: each anchor's positive
+// distances d_ap (and their exact distances) first (step 1), then its negatives streamed once
+// through the Mainloop's tiles (step 2), each negative (d_an, n) updating, per positive lane k,
+// the nearest negative with d_an > d_ap (epi::SemiHardChoice) and, per anchor, the farthest
+// negative (epi::ArgFarthest). "d_an > d_ap" is decided on the exact distances when the two are
+// a near tie (epi::near_tie; the negative's exact distance computed at most once per pair, by
+// the thread that owns it), so a negative duplicating a positive ties as in the reference.
+// Unused lanes hold d_ap = NaN: never a near tie, never farther. The comparators are total
+// orders on (distance, index), so the per-thread, column-group and split partial choices
+// combine in any order to the same pick. The finalize kernel picks per (anchor, positive)
+// (epi::semi_hard_pick), sums the terms (a float64 row sum in positive order) and keeps the
+// choices for the backward, which builds, per chunk of anchor rows, the weight matrix of the
+// gradient GEMM (pair_grad.cuh, as the sort path): +1 on (a, p) and -1 on (a, n) per active
+// pair, with step 1's d_ap and the tile's d_an. NaN rule as the sort path.
+
+template <typename acc_t_, int W>
+struct SemiHardEpi {
+  using acc_t = acc_t_;
+  static constexpr int K = kFusedMaxPositives;
+  struct Params {
+    const int64_t* npos;   // (N)
+    const acc_t* dap;      // (N, K)
+    const acc_t* exact_ap; // (N, K)
+    acc_t* part_nd;        // (splits, N, W): per lane the nearest negative farther than d_ap
+    int64_t* part_ni;      // (splits, N, W), -1: none
+    acc_t* part_fd;        // (splits, N): the farthest negative
+    int64_t* part_fi;      // (splits, N), -1: none
+    uint8_t* part_nan;     // (splits, N): a NaN negative distance
+  };
+  struct Row {
+    acc_t dap[W];
+    acc_t exact_ap[W];
+  };
+  struct Acc {
+    epi::SemiHardChoice<acc_t> choice[W];
+    epi::ArgFarthest<acc_t> farthest;
+    bool nan;
+  };
+  struct Slot {
+    acc_t nd[W];
+    int64_t ni[W];
+    acc_t fd;
+    int64_t fi;
+    int nan;
+  };
+  __device__ static void load_row(const Params& p, int64_t a, Row& row) {
+    const int64_t P = p.npos[a];
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      row.dap[k] = k < P ? p.dap[a * K + k] : epi::quiet_nan<acc_t>();
+      row.exact_ap[k] = k < P ? p.exact_ap[a * K + k] : epi::quiet_nan<acc_t>();
+    }
+  }
+  __device__ static void init(Acc& acc) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc.choice[k] = epi::SemiHardChoice<acc_t>{};
+    acc.farthest = epi::ArgFarthest<acc_t>{};
+    acc.nan = false;
+  }
+  template <typename Exact>
+  __device__ static void visit(Acc& acc, const Row& row, acc_t d, int64_t n, Exact&& exact_an) {
+    acc.farthest.update(d, n);
+    acc.nan |= epi::is_nan(d);
+    acc_t ex = epi::quiet_nan<acc_t>();  // the pair's exact distance, on a near tie only
+    bool have_exact = false;
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      bool farther = d > row.dap[k];
+      if (epi::near_tie(d, row.dap[k])) {
+        if (!have_exact) {
+          ex = exact_an();
+          have_exact = true;
+        }
+        farther = ex > row.exact_ap[k];
+      }
+      acc.choice[k].update_if(farther, d, n);
+    }
+  }
+  __device__ static void save(const Acc& acc, Slot& s) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      s.nd[k] = acc.choice[k].outside.d;
+      s.ni[k] = acc.choice[k].outside.i;
+    }
+    s.fd = acc.farthest.d;
+    s.fi = acc.farthest.i;
+    s.nan = acc.nan;
+  }
+  __device__ static void merge(Acc& acc, const Slot& s) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc.choice[k].outside.update(s.nd[k], s.ni[k]);
+    acc.farthest.update(s.fd, s.fi);
+    acc.nan |= s.nan != 0;
+  }
+  __device__ static void store(const Params& p, int64_t split, int64_t N, int64_t a,
+                               const Acc& acc) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      p.part_nd[(split * N + a) * W + k] = acc.choice[k].outside.d;
+      p.part_ni[(split * N + a) * W + k] = acc.choice[k].outside.i;
+    }
+    p.part_fd[split * N + a] = acc.farthest.d;
+    p.part_fi[split * N + a] = acc.farthest.i;
+    p.part_nan[split * N + a] = acc.nan ? 1 : 0;
+  }
+};
+
+// The fused mining's per (anchor, positive k) result (N, K): the chosen negative (-1 where the
+// anchor has none), its distance, whether the term is active; nan_terms (N): the NaN rule
+// applies to the anchor.
+struct SemiHardChoices {
+  at::Tensor neg, neg_d, active, nan_terms;
+};
+
+// Per anchor: the splits combined (ascending; the order does not change a pick), the pick per
+// positive, and, when loss_rows is not null, the row results (the loss sum in positive order).
+template <typename acc_t, int W>
+__global__ void semi_hard_fused_finalize_kernel(
+    int64_t N, int64_t splits, const int64_t* __restrict__ npos, const int64_t* __restrict__ nneg,
+    const acc_t* __restrict__ dap, acc_t margin, const acc_t* __restrict__ part_nd,
+    const int64_t* __restrict__ part_ni, const acc_t* __restrict__ part_fd,
+    const int64_t* __restrict__ part_fi, const uint8_t* __restrict__ part_nan,
+    int64_t* __restrict__ neg, acc_t* __restrict__ neg_d, uint8_t* __restrict__ active,
+    uint8_t* __restrict__ nan_terms, double* __restrict__ loss_rows,
+    int64_t* __restrict__ valid_rows, int64_t* __restrict__ pos_rows) {
+  constexpr int K = kFusedMaxPositives;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t a = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; a < N;
+       a += stride) {
+    const int64_t P = npos[a], Q = nneg[a];
+    const int64_t valid = Q > 0 ? P : 0;
+    epi::ArgFarthest<acc_t> farthest;
+    bool nan = false;
+    for (int64_t s = 0; s < splits; ++s) {
+      farthest.update(part_fd[s * N + a], part_fi[s * N + a]);
+      nan |= part_nan[s * N + a] != 0;
+    }
+    double loss = 0;
+    int64_t positive = 0;
+    for (int64_t k = 0; k < valid; ++k) {  // valid <= W
+      epi::SemiHardChoice<acc_t> choice;
+      for (int64_t s = 0; s < splits; ++s) {
+        choice.outside.update(part_nd[(s * N + a) * W + k], part_ni[(s * N + a) * W + k]);
+      }
+      acc_t dn;
+      int64_t n;
+      epi::semi_hard_pick(choice, farthest, &dn, &n);
+      const acc_t d = dap[a * K + k];
+      nan |= epi::is_nan(d);
+      const acc_t term = d - dn + margin;
+      const bool on = term > acc_t(0);
+      if (on) {
+        loss += static_cast<double>(term);
+        ++positive;
+      }
+      neg[a * K + k] = n;
+      neg_d[a * K + k] = dn;
+      active[a * K + k] = on ? 1 : 0;
+    }
+    const bool nan_row = nan && valid > 0;
+    nan_terms[a] = nan_row ? 1 : 0;
+    if (loss_rows != nullptr) {
+      loss_rows[a] = nan_row ? epi::quiet_nan<double>() : loss;
+      valid_rows[a] = valid;
+      pos_rows[a] = positive;
+    }
+  }
+}
+
+// Steps 2 and 3 of the fused semi hard: the choices, and the row results when rows != null.
+template <typename scalar_t, typename acc_t, Metric M, int W>
+SemiHardChoices semi_hard_fused_mine(const FusedInputs& in, RowStats<acc_t> sx,
+                                     RowStats<acc_t> sy, const FewPositives& f, acc_t margin,
+                                     const RowResults* rows) {
+  using ML = FusedMainloop<scalar_t, acc_t>;
+  using Epi = SemiHardEpi<acc_t, W>;
+  constexpr int K = kFusedMaxPositives;
+  const int64_t N = in.x.size(0), C = in.l.cols, D = in.x.size(1);
+  const FusedGrid g = fused_grid<ML>(N, C);
+  const auto opts = in.x.options();
+  const auto acc_options = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor part_nd = empty({g.splits, N, W}, acc_options);
+  const at::Tensor part_ni = empty({g.splits, N, W}, opts.dtype(at::kLong));
+  const at::Tensor part_fd = empty({g.splits, N}, acc_options);
+  const at::Tensor part_fi = empty({g.splits, N}, opts.dtype(at::kLong));
+  const at::Tensor part_nan = empty({g.splits, N}, opts.dtype(at::kByte));
+  const typename Epi::Params p{f.npos.data_ptr<int64_t>(), f.dap.data_ptr<acc_t>(),
+                               f.exact_ap.data_ptr<acc_t>(), part_nd.data_ptr<acc_t>(),
+                               part_ni.data_ptr<int64_t>(), part_fd.data_ptr<acc_t>(),
+                               part_fi.data_ptr<int64_t>(), part_nan.data_ptr<uint8_t>()};
+  launch_fused_rows<ML, M, Epi>(g, in.x.data_ptr<scalar_t>(), sx, N, in.y.data_ptr<scalar_t>(),
+                                sy, in.l, D, p, in.stream);
+  SemiHardChoices ch{full({N, K}, -1, opts.dtype(at::kLong)), zeros({N, K}, acc_options),
+                     zeros({N, K}, opts.dtype(at::kByte)), empty({N}, opts.dtype(at::kByte))};
+  semi_hard_fused_finalize_kernel<acc_t, W>
+      <<<elementwise_grid(N), kElementwiseThreads, 0, in.stream>>>(
+          N, g.splits, f.npos.data_ptr<int64_t>(), f.nneg.data_ptr<int64_t>(),
+          f.dap.data_ptr<acc_t>(), margin, part_nd.data_ptr<acc_t>(), part_ni.data_ptr<int64_t>(),
+          part_fd.data_ptr<acc_t>(), part_fi.data_ptr<int64_t>(), part_nan.data_ptr<uint8_t>(),
+          ch.neg.data_ptr<int64_t>(), ch.neg_d.data_ptr<acc_t>(), ch.active.data_ptr<uint8_t>(),
+          ch.nan_terms.data_ptr<uint8_t>(),
+          rows != nullptr ? rows->loss.data_ptr<double>() : nullptr,
+          rows != nullptr ? rows->valid.data_ptr<int64_t>() : nullptr,
+          rows != nullptr ? rows->positive.data_ptr<int64_t>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ch;
+}
+
+// Backward, one chunk of anchor rows [i0, i0 + r), one block per row (a = i0 + blockIdx.x):
+// Wc / Dc row (stride C) zeroed (NaN rule: W = D = NaN on every j != self), then thread 0 adds, in
+// positive order, +1 at (a, p) and -1 at (a, n) per active pair with the pair's distance.
+template <typename acc_t>
+__global__ void __launch_bounds__(kRowThreads)
+    semi_hard_fused_weights_kernel(int64_t i0, RowLabels l, const int64_t* __restrict__ npos,
+                                   const int64_t* __restrict__ pidx, const acc_t* __restrict__ dap,
+                                   const int64_t* __restrict__ neg,
+                                   const acc_t* __restrict__ neg_d,
+                                   const uint8_t* __restrict__ active,
+                                   const uint8_t* __restrict__ nan_terms, acc_t* __restrict__ Wc,
+                                   acc_t* __restrict__ Dc) {
+  constexpr int K = kFusedMaxPositives;
+  const int64_t row = blockIdx.x;
+  const int64_t a = i0 + row;
+  const int64_t C = l.cols;
+  const bool nan_row = nan_terms[a] != 0;
+  const int64_t self = l.self_of(a);
+  acc_t* __restrict__ w = Wc + row * C;
+  acc_t* __restrict__ dr = Dc + row * C;
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    // NaN rule: the distance NaN too, so that pair_grad's 0-distance rule does not apply
+    const acc_t v = (nan_row && j != self) ? epi::quiet_nan<acc_t>() : acc_t(0);
+    w[j] = v;
+    dr[j] = v;
+  }
+  __syncthreads();  // every thread: the zeros are written before thread 0 adds
+  if (threadIdx.x != 0 || nan_row) return;
+  const int64_t P = npos[a];
+  for (int64_t k = 0; k < P && k < K; ++k) {
+    if (active[a * K + k] == 0) continue;  // also 0 for an anchor without negatives
+    const int64_t p = pidx[a * K + k], n = neg[a * K + k];
+    w[p] += acc_t(1);
+    dr[p] = dap[a * K + k];
+    w[n] -= acc_t(1);
+    dr[n] = neg_d[a * K + k];
+  }
+}
+
+// Adds the gradient of the loss sum (unscaled) to Gx (and gy), chunk by chunk of anchor rows.
+template <typename scalar_t, typename acc_t, Metric M>
+void semi_hard_fused_backward(const FusedInputs& in, RowStats<acc_t> sx, RowStats<acc_t> sy,
+                              const FewPositives& f, const SemiHardChoices& ch, at::Tensor& Gx,
+                              at::Tensor* gy) {
+  const int64_t N = in.x.size(0), C = in.l.cols;
+  const auto acc_options = in.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t R = chunk_rows(N, C, 2 * static_cast<int64_t>(sizeof(acc_t)));
+  const at::Tensor Wc = empty({R, C}, acc_options);
+  const at::Tensor Dc = empty({R, C}, acc_options);
+  for (int64_t i0 = 0; i0 < N; i0 += R) {
+    const int64_t r = std::min(R, N - i0);
+    semi_hard_fused_weights_kernel<acc_t><<<grid_1d(r), kRowThreads, 0, in.stream>>>(
+        i0, in.l, f.npos.data_ptr<int64_t>(), f.pidx.data_ptr<int64_t>(), f.dap.data_ptr<acc_t>(),
+        ch.neg.data_ptr<int64_t>(), ch.neg_d.data_ptr<acc_t>(), ch.active.data_ptr<uint8_t>(),
+        ch.nan_terms.data_ptr<uint8_t>(), Wc.data_ptr<acc_t>(), Dc.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    add_chunk_grad<scalar_t, acc_t, M>(Wc, Dc, in.x, sx, in.y, sy, i0, r, Gx, gy, in.stream);
+  }
+}
+
+// (a, p, n) of every valid (anchor, positive) at offsets[a] + k (k: the positive's rank).
+__global__ void semi_hard_fused_triplets_kernel(int64_t N, const int64_t* __restrict__ npos,
+                                                const int64_t* __restrict__ nneg,
+                                                const int64_t* __restrict__ pidx,
+                                                const int64_t* __restrict__ neg,
+                                                const int64_t* __restrict__ offsets,
+                                                int64_t* __restrict__ out_a,
+                                                int64_t* __restrict__ out_p,
+                                                int64_t* __restrict__ out_n) {
+  constexpr int K = kFusedMaxPositives;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < N * K;
+       e += stride) {
+    const int64_t a = e / K, k = e % K;
+    if (nneg[a] == 0 || k >= npos[a]) continue;
+    const int64_t q = offsets[a] + k;
+    out_a[q] = a;
+    out_p[q] = pidx[e];
+    out_n[q] = neg[e];
+  }
+}
+
 // The semi-hard loss for loss_forward_cuda / loss_backward_cuda (loss_common.cuh):
 // num_valid = #(a, p) pairs of anchors with a negative, num_positive = #pairs with a
 // positive term.
@@ -209,6 +507,18 @@ struct SemiHardLoss {
   static constexpr bool kLabelGroups = true;
   static constexpr const char* kForwardName = "semi_hard_loss_cuda";
   static constexpr const char* kBackwardName = "semi_hard_loss_backward_cuda";
+
+  // Its own driver (loss_common.cuh's HasOwnDriver): the fused path when every anchor has at
+  // most kFusedMaxPositives positives (and the candidates are fewer than 2^31), else the
+  // chunk + sort path below (run_loss_forward / run_loss_backward with this policy).
+  static constexpr bool kOwnDriver = true;
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
+      const at::Tensor& x, const at::Tensor& y, const at::Tensor& cand_labels, const RowLabels& l,
+      double margin, int64_t metric);
+  static std::tuple<at::Tensor, at::Tensor> run_backward(
+      const at::Tensor& gls, const at::Tensor& x, const at::Tensor& y,
+      const at::Tensor& cand_labels, const RowLabels& l, double margin, int64_t metric,
+      bool y_grad);
 
   template <typename acc_t>
   static constexpr int64_t bytes_per_elem() {
@@ -256,6 +566,86 @@ struct SemiHardLoss {
   }
 };
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> SemiHardLoss::run_forward(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& cand_labels, const RowLabels& l,
+    double margin, int64_t metric) {
+  if (y.size(0) > std::numeric_limits<int32_t>::max()) {
+    return run_loss_forward<SemiHardLoss>(x, y, cand_labels, l, margin, metric);
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups = label_groups(cand_labels, stream);
+  const RowResults rows = make_row_results(x);
+  bool fused = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "semi_hard_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const at::Tensor stats_y =
+        l.symmetric() ? stats_x : compute_row_stats<scalar_t, acc_t>(y, stream);
+    const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
+    const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      const FewPositives f =
+          collect_positives<scalar_t, acc_t, kM>(x, sx, y, sy, l, groups, true, stream);
+      if (!f.fits) return;
+      fused = true;
+      dispatch_lanes(f.W, [&](auto w) {
+        semi_hard_fused_mine<scalar_t, acc_t, kM, decltype(w)::value>(
+            FusedInputs{x, y, l, stream}, sx, sy, f, static_cast<acc_t>(margin), &rows);
+      });
+    });
+  });
+  if (!fused) return run_loss_forward<SemiHardLoss>(x, y, cand_labels, l, margin, metric);
+  return finalize_loss(rows, x, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor> SemiHardLoss::run_backward(
+    const at::Tensor& gls, const at::Tensor& x, const at::Tensor& y,
+    const at::Tensor& cand_labels, const RowLabels& l, double margin, int64_t metric,
+    bool y_grad) {
+  const int64_t N = x.size(0), C = y.size(0), D = x.size(1);
+  if (C > std::numeric_limits<int32_t>::max()) {
+    return run_loss_backward<SemiHardLoss>(gls, x, y, cand_labels, l, margin, metric, y_grad);
+  }
+  const bool same_set = l.symmetric();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LabelGroups groups = label_groups(cand_labels, stream);
+  at::Tensor grad_x, grad_y;
+  bool fused = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "semi_hard_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const at::Tensor stats_y = same_set ? stats_x : compute_row_stats<scalar_t, acc_t>(y, stream);
+    const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
+    const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
+    TC_METRIC_SWITCH(metric, kM, [&] {
+      const FewPositives f =
+          collect_positives<scalar_t, acc_t, kM>(x, sx, y, sy, l, groups, true, stream);
+      if (!f.fits && f.any_valid) return;  // the sort path
+      fused = true;
+      at::Tensor Gx = zeros({N, D}, acc_options);
+      at::Tensor Gy = (!same_set && y_grad) ? zeros({C, D}, acc_options) : at::Tensor();
+      at::Tensor* gy = same_set ? &Gx : (y_grad ? &Gy : nullptr);
+      if (f.any_valid) {  // else the loss is the constant 0: its gradient is exactly 0
+        dispatch_lanes(f.W, [&](auto w) {
+          const FusedInputs in{x, y, l, stream};
+          const SemiHardChoices ch = semi_hard_fused_mine<scalar_t, acc_t, kM, decltype(w)::value>(
+              in, sx, sy, f, static_cast<acc_t>(margin), nullptr);
+          semi_hard_fused_backward<scalar_t, acc_t, kM>(in, sx, sy, f, ch, Gx, gy);
+        });
+      }
+      grad_x = finish_grad<scalar_t, acc_t>(Gx, gls, x, stream);
+      if (Gy.defined()) grad_y = finish_grad<scalar_t, acc_t>(Gy, gls, y, stream);
+    });
+  });
+  if (!fused) {
+    return run_loss_backward<SemiHardLoss>(gls, x, y, cand_labels, l, margin, metric, y_grad);
+  }
+  return {grad_x, grad_y};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_triplets_impl(const MineArgs& in,
@@ -295,6 +685,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_triplets_impl(const Min
     const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
     const int64_t R = chunk_rows(N, C, semi_hard_bytes_per_elem<acc_t>());
     TC_METRIC_SWITCH(metric, kM, [&] {
+      // Few positives: the fused mining, the very choices of the loss (as on the CPU).
+      if (C <= std::numeric_limits<int32_t>::max()) {
+        const FewPositives f =
+            collect_positives<scalar_t, acc_t, kM>(x, sx, y, sy, l, groups, true, stream);
+        if (f.fits) {
+          dispatch_lanes(f.W, [&](auto w) {
+            const SemiHardChoices ch = semi_hard_fused_mine<scalar_t, acc_t, kM, decltype(w)::value>(
+                FusedInputs{x, y, l, stream}, sx, sy, f, acc_t(0), nullptr);
+            semi_hard_fused_triplets_kernel<<<elementwise_grid(N * kFusedMaxPositives),
+                                              kElementwiseThreads, 0, stream>>>(
+                N, f.npos.data_ptr<int64_t>(), f.nneg.data_ptr<int64_t>(),
+                f.pidx.data_ptr<int64_t>(), ch.neg.data_ptr<int64_t>(),
+                offsets.data_ptr<int64_t>(), out_a.data_ptr<int64_t>(),
+                out_p.data_ptr<int64_t>(), out_n.data_ptr<int64_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+          return;
+        }
+      }
       for_each_distance_chunk<scalar_t, acc_t, kM>(
           x, sx, y, sy, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
             const auto [sn, in_idx] = sorted_negatives<acc_t>(Dc, l, i0, r, stream);
