@@ -20,15 +20,9 @@ inline at::Tensor check_batch_args(const at::Tensor& embeddings, const at::Tenso
   return labels.to(at::kLong).contiguous();
 }
 
-// The reference set of a query-vs-reference op: ref (M, D) of the dtype, feature size and
-// device of embeddings (N, D); ref_labels (M,) integer; self_index (N,) int64 (which reference
-// row each anchor is, -1: none). Returns (ref_labels, self_index) as contiguous int64. The
-// values of self_index are range-checked by the caller where that costs no device sync (an out
-// of range one would only exclude nothing: the kernels compare it, never dereference it).
-inline std::pair<at::Tensor, at::Tensor> check_ref_args(const at::Tensor& embeddings,
-                                                        const at::Tensor& ref,
-                                                        const at::Tensor& ref_labels,
-                                                        const at::Tensor& self_index) {
+// The reference set ref (M, D) of a query-vs-reference op (its forward or backward): a 2-D
+// floating tensor on the device of embeddings (N, D), of its dtype and feature size.
+inline void check_ref_embeddings(const at::Tensor& embeddings, const at::Tensor& ref) {
   TC_CHECK_EMBEDDINGS(ref, "ref");
   TC_CHECK_SAME_DEVICE(embeddings, ref, "embeddings", "ref");
   TORCH_CHECK(ref.scalar_type() == embeddings.scalar_type(),
@@ -37,6 +31,40 @@ inline std::pair<at::Tensor, at::Tensor> check_ref_args(const at::Tensor& embedd
   TORCH_CHECK(ref.size(1) == embeddings.size(1),
               "triplet_cuda: ref must have the feature size of embeddings (", embeddings.size(1),
               "), got ", ref.size(1));
+}
+
+// The values of self_index (N,) int64: -1 (the anchor is no reference row) or a row of the M
+// reference rows. On a GPU this costs one reduction and a device sync (the kernels would only
+// compare an out-of-range value, never dereference it, but it would silently exclude nothing).
+inline void check_self_index_values(const at::Tensor& self_index, int64_t M) {
+  const int64_t N = self_index.numel();
+  if (N == 0) return;
+  if (self_index.device().is_cpu()) {
+    const at::Tensor s = self_index.contiguous();
+    const int64_t* v = s.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < N; ++i) {
+      TORCH_CHECK(v[i] >= -1 && v[i] < M, "triplet_cuda: self_index must hold values in [-1, ", M,
+                  ") (ref.size(0) = ", M, "), got ", v[i], " at ", i);
+    }
+    return;
+  }
+  const at::Tensor bad = self_index.lt(-1).logical_or_(self_index.ge(M));
+  if (!bad.any().item<bool>()) return;
+  const int64_t i = bad.nonzero().select(1, 0).select(0, 0).item<int64_t>();
+  const int64_t v = self_index.select(0, i).item<int64_t>();
+  TORCH_CHECK(false, "triplet_cuda: self_index must hold values in [-1, ", M, ") (ref.size(0) = ",
+              M, "), got ", v, " at ", i);
+}
+
+// The reference set of a query-vs-reference op: ref (M, D) as check_ref_embeddings;
+// ref_labels (M,) integer; self_index (N,) int64 (which reference row each anchor is, -1:
+// none; values range-checked, check_self_index_values). Returns (ref_labels, self_index) as
+// contiguous int64.
+inline std::pair<at::Tensor, at::Tensor> check_ref_args(const at::Tensor& embeddings,
+                                                        const at::Tensor& ref,
+                                                        const at::Tensor& ref_labels,
+                                                        const at::Tensor& self_index) {
+  check_ref_embeddings(embeddings, ref);
   TORCH_CHECK(ref_labels.dim() == 1, "triplet_cuda: ref_labels must be a 1-D (M,) tensor, got ",
               ref_labels.dim(), "-D with shape ", ref_labels.sizes());
   TORCH_CHECK(!at::isFloatingType(ref_labels.scalar_type()) &&
@@ -50,6 +78,7 @@ inline std::pair<at::Tensor, at::Tensor> check_ref_args(const at::Tensor& embedd
               "triplet_cuda: self_index must be int64, got ", self_index.scalar_type());
   TC_CHECK_SHAPE(self_index, "self_index", embeddings.size(0));
   TC_CHECK_SAME_DEVICE(embeddings, self_index, "embeddings", "self_index");
+  check_self_index_values(self_index, ref.size(0));
   return {ref_labels.to(at::kLong).contiguous(), self_index.contiguous()};
 }
 

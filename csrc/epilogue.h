@@ -287,6 +287,30 @@ TC_HOST_DEVICE inline bool near_tie(T x, T y) {
   return diff <= gram_near_zero<T>() * mag;
 }
 
+// Lane-wise forms of the semi-hard updates, for scans that visit each anchor's candidates in
+// ascending index (then a tie keeps the earlier, lower index: the tie rule with no index
+// comparison), branch-free so that loops over lanes vectorise. A lane's state is (distance,
+// index), index < 0 while it holds nothing; the result equals SemiHardChoice / ArgFarthest's.
+//
+// The nearest negative farther than d_ap: the state's distance is semi_hard_none() (NaN)
+// while it holds nothing, so "nearer" is !(d_an >= best). d_an is never NaN when `farther`
+// holds (d_an > d_ap, or the exact form of it on a near_tie).
+template <typename T>
+TC_HOST_DEVICE inline T semi_hard_none() {
+  return quiet_nan<T>();
+}
+
+template <typename T>
+TC_HOST_DEVICE inline bool semi_hard_takes(bool farther, T d_an, T best) {
+  return farther & !(d_an >= best);
+}
+
+// The farthest negative (the fallback): NaN beats every number and the first NaN stays.
+template <typename T>
+TC_HOST_DEVICE inline bool farthest_takes(bool empty, T d, T best) {
+  return empty | ((best == best) & !(d <= best));  // best not NaN, d NaN or above it
+}
+
 // Semi-hard term: the chosen negative is `outside` if one exists, else the farthest negative.
 template <typename T>
 TC_HOST_DEVICE inline void semi_hard_pick(const SemiHardChoice<T>& c, const ArgFarthest<T>& far,

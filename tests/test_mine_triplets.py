@@ -6,7 +6,7 @@ import torch
 
 import triplet_cuda as tc
 from triplet_cuda import reference as R
-from conftest import FLOAT_DTYPES, METRICS, STRATEGIES, cpu_and_cuda, make_batch
+from conftest import FLOAT_DTYPES, METRICS, STRATEGIES, assert_close, cpu_and_cuda, make_batch
 
 SIZES = [(1, 3, 1), (2, 3, 1), (2, 3, 2), (5, 3, 2), (37, 13, 5), (67, 3, 7), (67, 13, 40)]
 
@@ -163,3 +163,72 @@ def test_mine_triplets_with_pytorch_metric_learning(strategy):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     if strategy == "batch_all":
         torch.testing.assert_close(got, tc.batch_all_triplet_loss(x, labels, 0.2), rtol=1e-6, atol=1e-6)
+
+
+def _semi_hard_batch(case, sizes, dtype, seed):
+    """A batch of the given class sizes (shuffled): random rows, small-integer rows (exact ties
+    everywhere), float32-style duplicates (negatives duplicating positives: Gram-form near ties),
+    or random rows with one non-finite entry."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((s,), c * 3 - 7) for c, s in enumerate(sizes)])
+    labels = labels[torch.randperm(labels.numel(), generator=g)]
+    n = labels.numel()
+    if case == "ties":
+        x = torch.randint(-2, 3, (n, 3), generator=g).double()
+    else:
+        x = torch.randn(n, 9, generator=g, dtype=torch.float64)
+    if case == "duplicates":
+        src = torch.randint(0, n, (n // 3,), generator=g)
+        x[torch.randperm(n, generator=g)[: n // 3]] = x[src]
+    if case in ("nan", "inf"):
+        x[n // 2, 4] = float(case)
+    return x.to(dtype), labels
+
+
+# Class sizes: the fused path's 4, 8 and 16 lanes (classes of at most 5, 9, 17), singletons.
+SEMI_HARD_SIZES = {"lanes4": [4] * 30 + [5, 1, 1], "lanes8": [9, 4, 7] * 9 + [1], "lanes16": [17, 3, 12, 1] * 4}
+
+
+# Ties only for the Euclidean metrics: a cosine "tie" (parallel rows) is not exact in any
+# arithmetic (the norms' rounding), here or in the reference, so it has no single right answer.
+SEMI_HARD_CASES = [(c, m) for c in ("random", "ties", "duplicates", "nan", "inf") for m in METRICS
+                   if m != "cosine" or c not in ("ties", "duplicates")]
+
+
+@pytest.mark.parametrize("block_bytes", [None, "3072"], ids=["one_block", "tiny_blocks"])
+@pytest.mark.parametrize("case,metric", SEMI_HARD_CASES, ids=[f"{c}-{m}" for c, m in SEMI_HARD_CASES])
+@pytest.mark.parametrize("sizes", list(SEMI_HARD_SIZES))
+def test_semi_hard_fused_choice_equals_the_row_scan(monkeypatch, block_bytes, case, sizes, metric):
+    # The fused few-positives mining (lane scans over upper-triangle blocks: row and column
+    # phases, near ties decided on exact distances) against the reference (exact ties: small
+    # integer rows; near ties: duplicated float32 rows) and, where no distance is near a tie,
+    # the row policy (a plain scan of full rows, reached through a reference set that is the
+    # batch itself; the only oracle for NaN and Inf): the same negative for every (anchor,
+    # positive), ties to the lowest index, NaN farthest.
+    if block_bytes is not None:  # tiny blocks: every column phase and span boundary runs
+        monkeypatch.setenv("TRIPLET_CUDA_CPU_BLOCK_BYTES", block_bytes)
+    dtype = torch.float32 if case == "duplicates" else torch.float64
+    x, labels = _semi_hard_batch(case, SEMI_HARD_SIZES[sizes], dtype, seed=len(case) + len(sizes))
+    got = as_rows(tc.mine_triplets(x, labels, strategy="semi_hard", metric=metric))
+    if case in ("random", "nan", "inf"):  # the row policy has no near-tie rule: no ties here
+        rows = as_rows(tc.mine_triplets(x, labels, strategy="semi_hard", metric=metric, ref_embeddings=x,
+                                        ref_labels=labels, ref_self_index=0))
+        assert got == rows
+    if case not in ("nan", "inf"):
+        want = as_rows(R.mine_triplets(x.double(), labels, strategy="semi_hard", metric=metric))
+        if case != "duplicates":  # exact arithmetic (float64; small integers for the ties)
+            assert got == want
+        else:
+            # Two duplicated negatives are at the same true distance but their float32 Gram-form
+            # distances may differ by rounding, so the lowest-index rule cannot be asked of them:
+            # the chosen negatives' distances must agree, which still fails when a negative that
+            # ties d_ap (a duplicate of the positive) is taken as farther.
+            assert [t[:2] for t in got] == [t[:2] for t in want]
+            d = R.pairwise_distance(x.double(), metric=metric)
+            a, n_got, n_want = (torch.tensor(v) for v in zip(*[(g[0], g[2], w[2]) for g, w in zip(got, want)]))
+            torch.testing.assert_close(d[a, n_got], d[a, n_want], rtol=1e-6, atol=1e-7)
+        loss = tc.semi_hard_triplet_loss(x, labels, 0.2, metric=metric, reduction="sum")
+        ref = R.semi_hard_triplet_loss(x.double(), labels, 0.2, metric=metric, reduction="sum")
+        assert_close(loss, ref, dtype)
+    else:
+        assert torch.isnan(tc.semi_hard_triplet_loss(x, labels, metric=metric))

@@ -361,3 +361,20 @@ def test_cuda_many_anchor_chunks_match_cpu():
         for g, w, what in zip(g_got, g_want, ("embeddings", "ref")):
             # sums of many terms of both signs: an absolute tolerance on the gradient's scale
             assert_close(g.cpu(), w, torch.float64, f"{name} grad {what}", atol=1e-9 * max(1.0, w.abs().max().item()))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("bad", [4, -2])
+@pytest.mark.parametrize("op", ["batch_hard_mine_ref", "mine_triplets_ref", "batch_all_loss_ref",
+                                "semi_hard_loss_ref", "contrastive_loss_ref"])
+def test_raw_ops_range_check_self_index(device, bad, op):
+    # The raw ops (no Python wrapper in front) raise on a self_index outside [-1, M) on every
+    # backend, naming the value and its position, rather than treating it as "none".
+    x, y = torch.zeros(3, 3, device=device), torch.zeros(3, dtype=torch.long, device=device)
+    r, rl = torch.zeros(4, 3, device=device), torch.zeros(4, dtype=torch.long, device=device)
+    si = torch.tensor([0, bad, -1], device=device)
+    args = {"batch_hard_mine_ref": (0,), "mine_triplets_ref": (2, 0)}.get(op, (0.2, 0))
+    with pytest.raises(RuntimeError, match=rf"self_index must hold values in \[-1, 4\) \(ref.size\(0\) = 4\), "
+                                           rf"got {bad} at 1"):
+        getattr(ops, op)(x, y, r, rl, si, *args)
+    getattr(ops, op)(x, y, r, rl, torch.tensor([0, 3, -1], device=device), *args)  # in range: runs

@@ -175,6 +175,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_cpu(
   return {r.pos_dist.to(dt), r.pos_idx, r.neg_dist.to(dt), r.neg_idx};
 }
 
+// Reverse index of the mined pairs k = 2 a + s (s = 0 positive, 1 negative; partner idx[s][a],
+// -1: none) by partner row: pairs[start[j] .. start[j + 1]) are the pairs whose partner is row j
+// of the C candidate rows, in ascending k (a fixed order: the gradient sums are deterministic).
+namespace {
+
+struct PartnerIndex {
+  std::vector<int64_t> start;  // (C + 1)
+  std::vector<int64_t> pairs;  // (2 N), the first start[C] used
+};
+
+PartnerIndex partner_index(const int64_t* idx[2], int64_t N, int64_t C) {
+  PartnerIndex r{std::vector<int64_t>(C + 1, 0), std::vector<int64_t>(2 * N)};
+  for (int64_t k = 0; k < 2 * N; ++k) {
+    const int64_t b = idx[k & 1][k >> 1];
+    if (b >= 0) ++r.start[b + 1];
+  }
+  for (int64_t j = 0; j < C; ++j) r.start[j + 1] += r.start[j];
+  std::vector<int64_t> fill(r.start.begin(), r.start.end() - 1);
+  for (int64_t k = 0; k < 2 * N; ++k) {
+    const int64_t b = idx[k & 1][k >> 1];
+    if (b >= 0) r.pairs[fill[b]++] = k;
+  }
+  return r;
+}
+
+}  // namespace
+
 // Adds, for every mined pair (a, b) with coefficient g, the gradient of g * d(a, b).
 template <typename T, Metric M>
 void hard_backward(const Prepared& p, const T* g[2], const T* dist[2], const int64_t* idx[2],
@@ -194,20 +221,9 @@ void hard_backward(const Prepared& p, const T* g[2], const T* dist[2], const int
       }
     }
   });
-  // Reverse index: the pairs in which row j is the partner, in ascending pair order.
-  std::vector<int64_t> start(N + 1, 0), pairs(2 * N);
-  for (int64_t k = 0; k < 2 * N; ++k) {
-    const int64_t b = idx[k & 1][k >> 1];
-    if (b >= 0) ++start[b + 1];
-  }
-  for (int64_t j = 0; j < N; ++j) start[j + 1] += start[j];
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t k = 0; k < 2 * N; ++k) {
-      const int64_t b = idx[k & 1][k >> 1];
-      if (b >= 0) pairs[fill[b]++] = k;
-    }
-  }
+  const PartnerIndex rev = partner_index(idx, N, N);
+  const std::vector<int64_t>& start = rev.start;
+  const std::vector<int64_t>& pairs = rev.pairs;
   // Each row owns its gradient: anchor terms, then partner terms in a fixed order.
   at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
@@ -300,19 +316,9 @@ void hard_backward_ref(const Prepared& x, const Prepared& y, const T* g[2], cons
     }
   });
   if (grad_y == nullptr) return;
-  std::vector<int64_t> start(Mc + 1, 0), pairs(2 * N);
-  for (int64_t k = 0; k < 2 * N; ++k) {
-    const int64_t b = idx[k & 1][k >> 1];
-    if (b >= 0) ++start[b + 1];
-  }
-  for (int64_t j = 0; j < Mc; ++j) start[j + 1] += start[j];
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t k = 0; k < 2 * N; ++k) {
-      const int64_t b = idx[k & 1][k >> 1];
-      if (b >= 0) pairs[fill[b]++] = k;
-    }
-  }
+  const PartnerIndex rev = partner_index(idx, N, Mc);
+  const std::vector<int64_t>& start = rev.start;
+  const std::vector<int64_t>& pairs = rev.pairs;
   at::parallel_for(0, Mc, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       T* gj = grad_y + j * D;
@@ -335,12 +341,7 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_mine_ref_backward_cpu(
     const at::Tensor& neg_dist, const at::Tensor& neg_idx, int64_t metric, bool ref_grad) {
   check_hard_backward_args(grad_pos_dist, grad_neg_dist, embeddings, pos_dist, pos_idx, neg_dist,
                            neg_idx, metric, c10::kCPU);
-  TC_CHECK_EMBEDDINGS(ref, "ref");
-  TC_CHECK_SAME_DEVICE(embeddings, ref, "embeddings", "ref");
-  TORCH_CHECK(ref.scalar_type() == embeddings.scalar_type() && ref.size(1) == embeddings.size(1),
-              "triplet_cuda: ref must have the dtype and feature size of embeddings (",
-              embeddings.scalar_type(), ", ", embeddings.size(1), "), got ", ref.scalar_type(),
-              ", ", ref.size(1));
+  check_ref_embeddings(embeddings, ref);
   const int64_t N = embeddings.size(0), Mc = ref.size(0);
   const Metric m = static_cast<Metric>(metric);
   const Prepared px = prepare(embeddings, m), py = prepare(ref, m);

@@ -19,7 +19,7 @@ inline at::Tensor check_batch(const at::Tensor& embeddings, const at::Tensor& la
 }
 
 // The inputs of a query-vs-reference CPU op, checked: labels (N,), ref_labels (M,) and
-// self_index (N,) (values in [-1, M)) as contiguous int64.
+// self_index (N,) (values in [-1, M), check_ref_args) as contiguous int64.
 struct RefInputs {
   at::Tensor lab, ref_lab, self;
 };
@@ -30,12 +30,6 @@ inline RefInputs check_ref_batch(const at::Tensor& embeddings, const at::Tensor&
   RefInputs r;
   r.lab = check_batch(embeddings, labels, metric);
   std::tie(r.ref_lab, r.self) = check_ref_args(embeddings, ref, ref_labels, self_index);
-  const int64_t N = r.self.size(0), M = ref.size(0);
-  const int64_t* s = r.self.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(s[i] >= -1 && s[i] < M, "triplet_cuda: self_index must hold values in [-1, ", M,
-                ") (ref.size(0) = ", M, "), got ", s[i], " at ", i);
-  }
   return r;
 }
 

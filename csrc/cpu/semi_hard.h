@@ -1,5 +1,6 @@
 // Semi-hard negative selection on CPU (FaceNet; TensorFlow Addons' TripletSemiHardLoss),
-// shared by semi_hard_loss and mine_triplets.
+// shared by semi_hard_loss and mine_triplets: the row policy over full distance rows (reference
+// sets, many positives) here; the fused few-positives mining in semi_hard_fused.h.
 #pragma once
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 
 #include "fused.h"
 #include "loss.h"
+#include "semi_hard_fused.h"
 
 namespace triplet_cuda {
 namespace cpu {
@@ -123,75 +125,6 @@ struct SemiHardRows {
     }
   }
 };
-
-// ----------------------------------------------------------------------------------------
-// Fused path (every class at most kFusedMaxPositives + 1 members): the upper-triangle pass of
-// fused.h keeps, per (anchor, positive), the nearest negative farther than d_ap and, per
-// anchor, the farthest negative. Shared by semi_hard_loss and mine_triplets, so the loss and
-// the mined triplets always agree.
-// ----------------------------------------------------------------------------------------
-
-// Per (anchor a, its k-th positive): the chosen negative and its distance; any_nan when a
-// valid anchor's row holds a NaN distance (the NaN rule).
-template <typename T>
-struct SemiHardMined {
-  std::vector<int64_t> neg;  // (N, K), -1 where the anchor has no negative
-  std::vector<T> neg_dist;   // (N, K)
-  bool any_nan = false;
-};
-
-template <typename T, Metric M>
-inline SemiHardMined<T> mine_fused(const Prepared& p, const int64_t* lab, const Positives<T>& pos) {
-  const int64_t N = p.rows();
-  constexpr int K = kFusedMaxPositives;
-  std::vector<epi::SemiHardChoice<T>> choice(N * K);
-  std::vector<epi::ArgFarthest<T>> farthest(N);
-  std::vector<char> nan(N, 0);
-  const int64_t D = p.e.size(1);
-  const T* e = p.e.data_ptr<T>();
-  const T* inv = p.inv.data_ptr<T>();
-  // Exact positive distances, for the near-tie comparisons (epi::near_tie).
-  std::vector<T> exact_ap(N * K, T(0));
-  at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t a = lo; a < hi; ++a) {
-      for (int k = 0; k < pos.count[a]; ++k) {
-        const int64_t j = pos.idx[a * K + k];
-        exact_ap[a * K + k] = pair_distance<M>(e + a * D, e + j * D, D, inv[a], inv[j]);
-      }
-    }
-  });
-  upper_triangle_pass<T, M>(p, lab, sizeof(T), [&](int64_t a, int64_t c, T d, int64_t) {
-    farthest[a].update(d, c);
-    nan[a] |= epi::is_nan(d);
-    const T* dap = pos.dist.data() + a * K;
-    epi::SemiHardChoice<T>* ch = choice.data() + a * K;
-    T exact_an = epi::quiet_nan<T>();  // computed at most once per pair, on a near tie
-    bool have_exact = false;
-    for (int k = 0; k < pos.count[a]; ++k) {
-      bool farther = d > dap[k];
-      if (epi::near_tie(d, dap[k])) {
-        if (!have_exact) {
-          exact_an = pair_distance<M>(e + a * D, e + c * D, D, inv[a], inv[c]);
-          have_exact = true;
-        }
-        farther = exact_an > exact_ap[a * K + k];
-      }
-      ch[k].update_if(farther, d, c);
-    }
-  });
-  SemiHardMined<T> r;
-  r.neg.assign(N * K, -1);
-  r.neg_dist.assign(N * K, T(0));
-  for (int64_t a = 0; a < N; ++a) {
-    if (pos.count[a] == 0 || pos.negatives[a] == 0) continue;
-    r.any_nan |= nan[a] != 0;
-    for (int k = 0; k < pos.count[a]; ++k) {
-      r.any_nan |= epi::is_nan(pos.dist[a * K + k]);
-      epi::semi_hard_pick(choice[a * K + k], farthest[a], &r.neg_dist[a * K + k], &r.neg[a * K + k]);
-    }
-  }
-  return r;
-}
 
 }  // namespace cpu
 }  // namespace triplet_cuda

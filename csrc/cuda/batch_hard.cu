@@ -499,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_cuda(
 
 // Query vs reference: embeddings (N, D), labels (N,) anchors; ref (M, D), ref_labels (M,)
 // candidates; self_index (N,) int64 -> as batch_hard_mine_cuda, indices into ref. The values
-// of self_index are compared, never dereferenced (not range-checked here: that would sync).
+// of self_index are range-checked by check_ref_args (one reduction and a sync).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_ref_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,
     const at::Tensor& ref_labels, const at::Tensor& self_index, int64_t metric) {
@@ -836,12 +836,7 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_mine_ref_backward_cuda(
     const at::Tensor& neg_dist, const at::Tensor& neg_idx, int64_t metric, bool ref_grad) {
   check_hard_backward_args(grad_pos_dist, grad_neg_dist, embeddings, pos_dist, pos_idx, neg_dist,
                            neg_idx, metric, c10::kCUDA);
-  TC_CHECK_EMBEDDINGS(ref, "ref");
-  TC_CHECK_SAME_DEVICE(embeddings, ref, "embeddings", "ref");
-  TORCH_CHECK(ref.scalar_type() == embeddings.scalar_type() && ref.size(1) == embeddings.size(1),
-              "triplet_cuda: ref must have the dtype and feature size of embeddings (",
-              embeddings.scalar_type(), ", ", embeddings.size(1), "), got ", ref.scalar_type(),
-              ", ", ref.size(1));
+  check_ref_embeddings(embeddings, ref);
   const int64_t N = embeddings.size(0), Mr = ref.size(0), D = embeddings.size(1);
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const at::Tensor x = embeddings.contiguous();

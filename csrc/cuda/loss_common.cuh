@@ -492,8 +492,8 @@ inline const at::Tensor& ref_op_device(const at::Tensor& embeddings) {
 }
 
 // Query vs reference: embeddings (N, D), labels (N,) anchors; ref (M, D), ref_labels (M,)
-// candidates; self_index (N,) int64 (-1: none; values are compared, not range-checked here:
-// that would sync) -> (loss_sum, num_valid, num_positive) as loss_forward_cuda.
+// candidates; self_index (N,) int64 (-1: none; range-checked by check_ref_args, which syncs)
+// -> (loss_sum, num_valid, num_positive) as loss_forward_cuda.
 template <typename Policy>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_ref_forward_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,
