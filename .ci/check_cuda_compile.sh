@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Compile-only check of every csrc/cuda/*.cu for sm_80 and sm_90, with the flags of
-# torch's extension build. No GPU and no CUDA build of torch are needed: a CPU wheel's
-# headers are enough once the one generated c10 CUDA header it lacks is stubbed.
+# torch's extension build, and of csrc/cuda/*.cpp (the CUDA op registration) with the host
+# compiler. No GPU and no CUDA build of torch are needed: a CPU wheel's headers are enough
+# once the one generated c10 CUDA header it lacks is stubbed. With no file arguments it also
+# checks that every triplet_cuda symbol an object needs is defined by one of them (or by
+# csrc/tensor_ops.cpp), so a missing explicit instantiation fails here, not at import on a GPU.
 #
-#   bash .ci/check_cuda_compile.sh            # all .cu files, 2 in parallel
+#   bash .ci/check_cuda_compile.sh            # all files, 2 in parallel
 #   CUDA_CHECK_JOBS=1 bash .ci/check_cuda_compile.sh csrc/cuda/batch_hard.cu
+#   NVCC_EXTRA_FLAGS="--time /tmp/t.csv" bash .ci/check_cuda_compile.sh   # nvcc phase times
 #
 # Exits 0 with a message when nvcc is absent; non-zero when any file fails to compile
-# or emits a warning.
+# or emits a warning, or a symbol is missing.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,12 +29,14 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   exit 1
 fi
 
+CHECK_SYMBOLS=0
 if [[ $# -gt 0 ]]; then
   FILES=("$@")
 else
   shopt -s nullglob
-  FILES=(csrc/cuda/*.cu)
+  FILES=(csrc/cuda/*.cu csrc/cuda/*.cpp)
   shopt -u nullglob
+  CHECK_SYMBOLS=1
 fi
 if [[ ${#FILES[@]} -eq 0 ]]; then
   echo "check_cuda_compile: no csrc/cuda/*.cu files"
@@ -67,7 +73,7 @@ fi
 
 # torch.utils.cpp_extension's nvcc flags plus _build.py's (-O3 -lineinfo
 # --expt-relaxed-constexpr); warnings of our own code are errors.
-FLAGS=(
+FLAGS=(${NVCC_EXTRA_FLAGS:-}
   -std=c++20 -O3 -lineinfo --expt-relaxed-constexpr
   -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
   -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
@@ -76,13 +82,21 @@ FLAGS=(
   -Xcompiler -fPIC -Xcompiler -Wall -Xcudafe --display_error_number
   -I"$STUB" "${TORCH_INFO[@]}"
 )
+# Host C++ files (csrc/cuda/register.cpp): torch's C++ flags.
+CXX="${CXX:-c++}"
+CXXFLAGS=(
+  -std=c++20 -O1 -fPIC -Wall -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
+  "${TORCH_INFO[@]}"
+)
 
 compile_one() {
   local src="$1" name log
-  name="$(basename "$src" .cu)"
+  name="$(basename "$src")"
   log="$WORK/$name.log"
   local start=$SECONDS
-  if "$NVCC" "${FLAGS[@]}" -c "$src" -o "$WORK/$name.o" >"$log" 2>&1; then
+  local cmd=("$NVCC" "${FLAGS[@]}")
+  [[ "$src" == *.cpp ]] && cmd=("$CXX" "${CXXFLAGS[@]}")
+  if "${cmd[@]}" -c "$src" -o "$WORK/$name.o" >"$log" 2>&1; then
     # Warnings from our own sources (csrc/) fail the check; torch's headers are not ours.
     if grep -E "^(\./)?csrc/.*(warning|Warning)" "$log" >/dev/null 2>&1 || \
        grep -E "$ROOT/csrc/.*(warning|Warning)" "$log" >/dev/null 2>&1; then
@@ -102,7 +116,7 @@ compile_one() {
 JOBS="${CUDA_CHECK_JOBS:-2}"
 echo "check_cuda_compile: $("$NVCC" --version | tail -n 1); ${#FILES[@]} file(s), $JOBS at a time"
 for src in "${FILES[@]}"; do
-  name="$(basename "$src" .cu)"
+  name="$(basename "$src")"
   ( if compile_one "$src" >"$WORK/$name.out" 2>&1; then echo 0; else echo 1; fi ) >"$WORK/$name.rc" &
   # Keep at most $JOBS compiles running.
   while [[ $(jobs -rp | wc -l) -ge $JOBS ]]; do sleep 1; done
@@ -110,13 +124,29 @@ done
 wait
 status=0
 for src in "${FILES[@]}"; do
-  name="$(basename "$src" .cu)"
+  name="$(basename "$src")"
   cat "$WORK/$name.out"
   if [[ "$(cat "$WORK/$name.rc" 2>/dev/null)" != "0" ]]; then status=1; fi
 done
+if [[ $status -eq 0 && $CHECK_SYMBOLS -eq 1 ]]; then
+  # Every triplet_cuda:: symbol some object leaves undefined must be defined by another
+  # (explicit instantiations in one .cu, entry points for register.cpp) or tensor_ops.cpp.
+  "$CXX" "${CXXFLAGS[@]}" -c csrc/tensor_ops.cpp -o "$WORK/tensor_ops.o"
+  nm -C --defined-only "$WORK"/*.o | awk '$2 ~ /^[TWtuV]$/' | cut -d' ' -f3- | sort -u >"$WORK/defined"
+  nm -C --undefined-only "$WORK"/*.o | awk '{$1=""; print substr($0, 2)}' | grep '^triplet_cuda::' \
+    | sort -u >"$WORK/needed"
+  missing="$(comm -23 "$WORK/needed" "$WORK/defined")"
+  if [[ -n "$missing" ]]; then
+    echo "check_cuda_compile: symbols used but defined nowhere (a missing instantiation?):"
+    echo "$missing"
+    status=1
+  else
+    echo "check_cuda_compile: $(wc -l <"$WORK/needed") triplet_cuda symbol(s) used across files, all defined"
+  fi
+fi
 if [[ $status -ne 0 ]]; then
   echo "check_cuda_compile: FAILED ($SECONDS s)"
 else
-  echo "check_cuda_compile: all ${#FILES[@]} file(s) compiled for sm_80 and sm_90 ($SECONDS s)"
+  echo "check_cuda_compile: all ${#FILES[@]} file(s) compiled (.cu for sm_80 and sm_90) ($SECONDS s)"
 fi
 exit $status

@@ -113,6 +113,20 @@ def test_cpu_digest_ignores_cuda_sources(tmp_path):
     cu = sorted((root / "cuda").glob("*.cu"))[0]
     cu.write_text(cu.read_text() + "\n// edited\n")
     assert _build.build_digest(root, with_cuda=False)[0] == base
+    # csrc/cuda/register.cpp (host C++, but CUDA-only) is not part of a CPU build either
+    reg = root / "cuda" / "register.cpp"
+    reg.write_text(reg.read_text() + "\n// edited\n")
+    assert _build.build_digest(root, with_cuda=False)[0] == base
+
+
+def test_sources_list_cuda_registration_only_with_cuda():
+    root = _build.source_root()
+    cpu = [Path(s) for s in _build.sources(root, with_cuda=False)]
+    gpu = [Path(s) for s in _build.sources(root, with_cuda=True)]
+    assert not any(p.parent.name == "cuda" for p in cpu)
+    assert root / "cuda" / "register.cpp" in gpu and (root / "cpu" / "register.cpp") in cpu
+    assert {p.name for p in gpu if p.suffix == ".cu"} == {p.name for p in (root / "cuda").glob("*.cu")}
+    assert set(cpu) < set(gpu)
 
 
 def test_digest_changes_with_flags_torch_python_and_arch(tmp_path, monkeypatch):

@@ -36,10 +36,11 @@ def source_root() -> Path:
 
 
 def sources(root: Path, with_cuda: bool) -> list[str]:
-    """ops.cpp, tensor_ops.cpp and every CPU kernel, plus the .cu files when building with CUDA."""
+    """ops.cpp, tensor_ops.cpp and every CPU kernel, plus csrc/cuda/ (its .cu kernels and the
+    register.cpp that registers them) when building with CUDA."""
     files = [root / "ops.cpp", root / "tensor_ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
     if with_cuda:
-        files += sorted((root / "cuda").glob("*.cu"))
+        files += sorted((root / "cuda").glob("*.cu")) + sorted((root / "cuda").glob("*.cpp"))
     return [str(f) for f in files]
 
 
@@ -86,9 +87,11 @@ def extra_link_args() -> list[str]:
 # ----------------------------------------------------------------------------- JIT cache key
 def source_files(root: Path, with_cuda: bool = True) -> list[Path]:
     """Every source and header under csrc/ (sorted) that a build can include; without CUDA the
-    .cu / .cuh files are left out (a CPU build cannot see them)."""
-    suffixes = SOURCE_SUFFIXES if with_cuda else tuple(s for s in SOURCE_SUFFIXES if not s.startswith(".cu"))
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
+    .cu / .cuh files and csrc/cuda/ are left out (a CPU build cannot see them)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES)
+    if with_cuda:
+        return files
+    return [p for p in files if not p.suffix.startswith(".cu") and p.parent.name != "cuda"]
 
 
 # Architectures of a CUDA build made where no GPU is visible and TORCH_CUDA_ARCH_LIST is unset

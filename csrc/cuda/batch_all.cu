@@ -25,8 +25,8 @@
 // least one positive and one negative whose distance row holds a NaN gets a NaN loss sum
 // (valid count P * Q unchanged, positive count 0) and NaN weights on every j != self; its
 // sorted keys are not searched (NaN sorts after the +inf keys, see loss_common.cuh).
-#include <torch/library.h>
 
+#include "ops_cuda.h"
 #include "few_positives.cuh"
 #include "loss_common.cuh"
 
@@ -591,7 +591,6 @@ struct BatchAllLoss {
   }
 };
 
-
 // The fused path when every anchor has at most kFusedMaxPositives positives (and fewer than
 // 2^31 candidates), else the sort path (run_loss_forward / run_loss_backward).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> BatchAllLoss::run_forward(
@@ -675,12 +674,7 @@ std::tuple<at::Tensor, at::Tensor> BatchAllLoss::run_backward(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
-  m.impl("batch_all_loss", &loss_forward_cuda<BatchAllLoss>);
-  m.impl("batch_all_loss_backward", &loss_backward_cuda<BatchAllLoss>);
-  m.impl("batch_all_loss_ref", &loss_ref_forward_cuda<BatchAllLoss>);
-  m.impl("batch_all_loss_ref_backward", &loss_ref_backward_cuda<BatchAllLoss>);
-}
+TC_CUDA_LOSS_ENTRY_POINTS(batch_all, BatchAllLoss)
 
 }  // namespace cuda
 }  // namespace triplet_cuda

@@ -36,8 +36,8 @@
 // kHubChunk pairs (all-equal embeddings send every anchor to negative 0), is split: its pair
 // list in chunks of kHubChunk, one warp per chunk writing a partial row to a workspace
 // (O(N / kHubChunk * D)), which the row's warp then adds in chunk order: still no atomics.
-#include <torch/library.h>
 
+#include "ops_cuda.h"
 #include "distance.cuh"
 #include "internal.cuh"
 #include "row_labels.cuh"
@@ -481,8 +481,6 @@ HardMinedCuda batch_hard_mine_impl(const MineArgs& in, int64_t metric) {
   return r;
 }
 
-namespace {
-
 // embeddings: (N, D), labels: (N,) any integer dtype
 //   -> (pos_dist (N), pos_idx (N) int64, neg_dist (N), neg_idx (N) int64); distances in
 //      the dtype of embeddings, -1 / 0 for anchors without a positive or a negative.
@@ -510,6 +508,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_ref_c
   const HardMinedCuda r = batch_hard_mine_impl(in, metric);
   return {r.pos_dist, r.pos_idx, r.neg_dist, r.neg_idx};
 }
+
+namespace {
 
 // key[2 a + s] = partner of pair (a, s) (s = 0 positive, 1 negative), or C when invalid
 // (outside [0, C), C the number of candidate rows).
@@ -805,6 +805,8 @@ void hard_backward_impl(const at::Tensor& grad_pos_dist, const at::Tensor& grad_
   });
 }
 
+}  // namespace
+
 // grad_pos_dist, grad_neg_dist: (N,); embeddings (N, D); the forward's outputs pos_dist,
 // pos_idx, neg_dist, neg_idx (N,) -> grad (N, D) in the dtype of embeddings, contiguous.
 // Indices outside [0, N) are treated as "no pair" (not checked: that would sync).
@@ -851,15 +853,6 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_mine_ref_backward_cuda(
   hard_backward_impl(grad_pos_dist, grad_neg_dist, x, y, pos_dist, pos_idx, neg_dist, neg_idx,
                      metric, /*same_set=*/false, gx, ref_grad ? &gy : nullptr);
   return {gx, gy};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
-  m.impl("batch_hard_mine", &batch_hard_mine_cuda);
-  m.impl("batch_hard_mine_backward", &batch_hard_mine_backward_cuda);
-  m.impl("batch_hard_mine_ref", &batch_hard_mine_ref_cuda);
-  m.impl("batch_hard_mine_ref_backward", &batch_hard_mine_ref_backward_cuda);
 }
 
 }  // namespace cuda

@@ -13,8 +13,8 @@
 // csrc/epilogue.h, as the CPU): a NaN distance gives a NaN term and weight (not counted as
 // positive). With a reference set (contrastive_loss_ref) the same kernel sums the ordered
 // pairs (a, j), j != self_index[a], of the anchor rows against the reference rows.
-#include <torch/library.h>
 
+#include "ops_cuda.h"
 #include "loss_common.cuh"
 
 namespace triplet_cuda {
@@ -97,6 +97,10 @@ struct ContrastiveLoss {
   }
 };
 
+}  // namespace
+
+TC_CUDA_LOSS_ENTRY_POINTS(contrastive, ContrastiveLoss)
+
 // The forward plus the gradient of loss_sum (grad_sum, accumulation dtype). On CUDA this is
 // still the forward followed by the recomputing backward with g = 1; the CPU computes both in
 // one upper-triangle pass (csrc/cpu/contrastive.cpp).
@@ -109,6 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_with_grad
       loss_backward_cuda<ContrastiveLoss>(one, embeddings, labels, margin, metric);
   return {loss_sum, num_valid, num_positive, grad.to(loss_sum.scalar_type())};
 }
+
+namespace {
 
 // ------------------------------------------------------------------------ hinge form
 // pytorch-metric-learning's ContrastiveLoss: relu(d - pos_margin) for the same label,
@@ -166,6 +172,8 @@ __global__ void __launch_bounds__(kRowThreads)
     }
   }
 }
+
+}  // namespace
 
 // embeddings (N, D), labels (N,) -> (pos_sum, pos_nonzero, neg_sum, neg_nonzero).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_hinge_cuda(
@@ -250,18 +258,6 @@ at::Tensor contrastive_hinge_backward_cuda(const at::Tensor& grad_pos_sum,
     result = finish_grad<scalar_t, acc_t>(G, ones(at::IntArrayRef{}, acc_options), x, stream);
   });
   return result;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
-  m.impl("contrastive_loss", &loss_forward_cuda<ContrastiveLoss>);
-  m.impl("contrastive_loss_backward", &loss_backward_cuda<ContrastiveLoss>);
-  m.impl("contrastive_loss_ref", &loss_ref_forward_cuda<ContrastiveLoss>);
-  m.impl("contrastive_loss_ref_backward", &loss_ref_backward_cuda<ContrastiveLoss>);
-  m.impl("contrastive_loss_with_grad", &contrastive_with_grad_cuda);
-  m.impl("contrastive_hinge_loss", &contrastive_hinge_cuda);
-  m.impl("contrastive_hinge_loss_backward", &contrastive_hinge_backward_cuda);
 }
 
 }  // namespace cuda

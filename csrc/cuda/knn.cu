@@ -7,8 +7,8 @@
 //     query's own column.
 // Order (both paths, as on the CPU): ascending distance (squared for Euclidean), ties by the lowest reference index,
 // NaN after every number; rows with fewer than k candidates are padded with +inf / -1.
-#include <torch/library.h>
 
+#include "ops_cuda.h"
 #include "../knn_args.h"
 #include "distance.cuh"
 
@@ -112,6 +112,8 @@ __global__ void knn_drop_self_kernel(const acc_t* __restrict__ sd, const int64_t
   }
 }
 
+}  // namespace
+
 // query: (N, D), ref: (M, D) -> (dist (N, k) in the dtype of query, idx (N, k) int64).
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at::Tensor& ref_in,
                                             int64_t k, int64_t metric, int64_t self_offset) {
@@ -171,10 +173,6 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query_in, const at
   if (static_cast<Metric>(metric) == Metric::kEuclidean) dist.sqrt_();
   return {dist.to(q.scalar_type()), idx};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) { m.impl("knn", &knn_cuda); }
 
 }  // namespace cuda
 }  // namespace triplet_cuda

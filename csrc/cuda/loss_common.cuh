@@ -527,5 +527,33 @@ std::tuple<at::Tensor, at::Tensor> loss_ref_backward_cuda(
   return {gx, ref_grad ? gy : empty_ref};
 }
 
+// Defines ops_cuda.h's four entry points NAME_loss_cuda, NAME_loss_backward_cuda,
+// NAME_loss_ref_cuda and NAME_loss_ref_backward_cuda of a loss policy (in namespace
+// triplet_cuda::cuda, after the policy); register.cpp registers them.
+#define TC_CUDA_LOSS_ENTRY_POINTS(NAME, POLICY)                                                \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> NAME##_loss_cuda(                             \
+      const at::Tensor& embeddings, const at::Tensor& labels, double margin, int64_t metric) { \
+    return loss_forward_cuda<POLICY>(embeddings, labels, margin, metric);                      \
+  }                                                                                            \
+  at::Tensor NAME##_loss_backward_cuda(const at::Tensor& grad_loss_sum,                        \
+                                       const at::Tensor& embeddings, const at::Tensor& labels, \
+                                       double margin, int64_t metric) {                        \
+    return loss_backward_cuda<POLICY>(grad_loss_sum, embeddings, labels, margin, metric);      \
+  }                                                                                            \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> NAME##_loss_ref_cuda(                         \
+      const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref,           \
+      const at::Tensor& ref_labels, const at::Tensor& self_index, double margin,               \
+      int64_t metric) {                                                                        \
+    return loss_ref_forward_cuda<POLICY>(embeddings, labels, ref, ref_labels, self_index,      \
+                                         margin, metric);                                      \
+  }                                                                                            \
+  std::tuple<at::Tensor, at::Tensor> NAME##_loss_ref_backward_cuda(                            \
+      const at::Tensor& grad_loss_sum, const at::Tensor& embeddings, const at::Tensor& labels, \
+      const at::Tensor& ref, const at::Tensor& ref_labels, const at::Tensor& self_index,       \
+      double margin, int64_t metric, bool ref_grad) {                                          \
+    return loss_ref_backward_cuda<POLICY>(grad_loss_sum, embeddings, labels, ref, ref_labels,  \
+                                          self_index, margin, metric, ref_grad);               \
+  }
+
 }  // namespace cuda
 }  // namespace triplet_cuda

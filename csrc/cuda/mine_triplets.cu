@@ -7,8 +7,8 @@
 //               pass, one block per anchor, the k-th positive / negative of an anchor found
 //               from the stably sorted labels (no distances needed);
 //   semi_hard:  every valid (a, p) with its semi-hard negative (semi_hard.cu).
-#include <torch/library.h>
 
+#include "ops_cuda.h"
 #include "internal.cuh"
 #include "loss_common.cuh"
 
@@ -114,6 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_impl(const MineArgs
   return semi_hard_triplets_impl(in, metric);  // Strategy::kSemiHard
 }
 
+}  // namespace
+
 // embeddings: (N, D), labels: (N,) any integer dtype, strategy (0 batch_hard, 1 batch_all,
 // 2 semi_hard), metric -> (anchor, positive, negative), each (T,) int64, sorted by
 // (anchor, positive, negative). Synchronises with the device (T depends on the data).
@@ -140,13 +142,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mine_triplets_ref_cuda(
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const MineArgs in{embeddings.contiguous(), lab, ref.contiguous(), ref_lab, self};
   return mine_triplets_impl(in, strategy, metric);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
-  m.impl("mine_triplets", &mine_triplets_cuda);
-  m.impl("mine_triplets_ref", &mine_triplets_ref_cuda);
 }
 
 }  // namespace cuda

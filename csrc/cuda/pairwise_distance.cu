@@ -1,7 +1,7 @@
 // pairwise_distance on CUDA: a tiled dot-product kernel with a fused distance epilogue;
 // backward as two tiled "coefficient matrix x operand" products (pair_grad.cuh).
-#include <torch/library.h>
 
+#include "ops_cuda.h"
 #include "distance.cuh"
 #include "pair_grad.cuh"
 
@@ -12,6 +12,8 @@ namespace {
 void check_pair(const at::Tensor& x, const at::Tensor& y, int64_t metric) {
   check_pair_args(x, y, metric, c10::kCUDA);
 }
+
+}  // namespace
 
 // x: (N, D), y: (M, D) -> (N, M) distances in x's dtype (Gram form, acc_t arithmetic).
 at::Tensor pairwise_distance_cuda(const at::Tensor& x_in, const at::Tensor& y_in,
@@ -81,13 +83,6 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Ten
     });
   });
   return {gx, gy};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
-  m.impl("pairwise_distance", &pairwise_distance_cuda);
-  m.impl("pairwise_distance_backward", &pairwise_distance_backward_cuda);
 }
 
 }  // namespace cuda

@@ -31,8 +31,8 @@
 // (epi::SemiHardChoice / ArgFarthest: NaN ranks farthest, "d_an > d_ap" is false for NaN).
 // Such an anchor with a valid pair gets a NaN loss sum (valid count unchanged; the positive
 // count still counts the terms > 0) and NaN weights on every j != self.
-#include <torch/library.h>
 
+#include "ops_cuda.h"
 #include "internal.cuh"
 #include "few_positives.cuh"
 #include "loss_common.cuh"
@@ -648,6 +648,8 @@ std::tuple<at::Tensor, at::Tensor> SemiHardLoss::run_backward(
 
 }  // namespace
 
+TC_CUDA_LOSS_ENTRY_POINTS(semi_hard, SemiHardLoss)
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_triplets_impl(const MineArgs& in,
                                                                       int64_t metric) {
   const at::Tensor& x = in.x;
@@ -717,13 +719,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_triplets_impl(const Min
     });
   });
   return {out_a, out_p, out_n};
-}
-
-TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m) {
-  m.impl("semi_hard_loss", &loss_forward_cuda<SemiHardLoss>);
-  m.impl("semi_hard_loss_backward", &loss_backward_cuda<SemiHardLoss>);
-  m.impl("semi_hard_loss_ref", &loss_ref_forward_cuda<SemiHardLoss>);
-  m.impl("semi_hard_loss_ref_backward", &loss_ref_backward_cuda<SemiHardLoss>);
 }
 
 }  // namespace cuda
