@@ -133,7 +133,7 @@ if [[ $status -eq 0 && $CHECK_SYMBOLS -eq 1 ]]; then
   # (explicit instantiations in one .cu, entry points for register.cpp) or tensor_ops.cpp.
   "$CXX" "${CXXFLAGS[@]}" -c csrc/tensor_ops.cpp -o "$WORK/tensor_ops.o"
   nm -C --defined-only "$WORK"/*.o | awk '$2 ~ /^[TWtuV]$/' | cut -d' ' -f3- | sort -u >"$WORK/defined"
-  nm -C --undefined-only "$WORK"/*.o | awk '{$1=""; print substr($0, 2)}' | grep '^triplet_cuda::' \
+  nm -C --undefined-only "$WORK"/*.o | awk '{$1=""; print substr($0, 2)}' | grep 'triplet_cuda::' \
     | sort -u >"$WORK/needed"
   missing="$(comm -23 "$WORK/needed" "$WORK/defined")"
   if [[ -n "$missing" ]]; then

@@ -604,22 +604,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> BatchAllLoss::run_forward(
   const LabelGroups groups = label_groups(cand_labels, stream);
   const RowResults rows = make_row_results(x);
   bool fused = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "batch_all_loss_cuda", [&] {
+  const at::Tensor xf = fused_embeddings(x);  // float16 / bfloat16: a float32 copy
+  const at::Tensor yf = l.symmetric() ? xf : fused_embeddings(y);
+  AT_DISPATCH_FLOATING_TYPES(xf.scalar_type(), "batch_all_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(xf, stream);
     const at::Tensor stats_y =
-        l.symmetric() ? stats_x : compute_row_stats<scalar_t, acc_t>(y, stream);
+        l.symmetric() ? stats_x : compute_row_stats<scalar_t, acc_t>(yf, stream);
     const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
     const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
     TC_METRIC_SWITCH(metric, kM, [&] {
       const FewPositives f =
-          collect_positives<scalar_t, acc_t, kM>(x, sx, y, sy, l, groups, false, stream);
+          collect_positives<scalar_t, acc_t, kM>(xf, sx, yf, sy, l, groups, false, stream);
       if (!f.fits) return;
       fused = true;
       dispatch_lanes(f.W, [&](auto w) {
         batch_all_fused_forward<scalar_t, acc_t, kM, decltype(w)::value>(
-            FusedInputs{x, y, l, stream}, sx, sy, f, static_cast<acc_t>(margin), rows);
+            FusedInputs{xf, yf, l, stream}, sx, sy, f, static_cast<acc_t>(margin), rows);
       });
     });
   });
@@ -640,17 +641,18 @@ std::tuple<at::Tensor, at::Tensor> BatchAllLoss::run_backward(
   const LabelGroups groups = label_groups(cand_labels, stream);
   at::Tensor grad_x, grad_y;
   bool fused = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "batch_all_loss_backward_cuda", [&] {
+  const at::Tensor xf = fused_embeddings(x);  // float16 / bfloat16: a float32 copy
+  const at::Tensor yf = same_set ? xf : fused_embeddings(y);
+  AT_DISPATCH_FLOATING_TYPES(xf.scalar_type(), "batch_all_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(x, stream);
-    const at::Tensor stats_y = same_set ? stats_x : compute_row_stats<scalar_t, acc_t>(y, stream);
+    const auto acc_options = xf.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(xf, stream);
+    const at::Tensor stats_y = same_set ? stats_x : compute_row_stats<scalar_t, acc_t>(yf, stream);
     const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
     const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
     TC_METRIC_SWITCH(metric, kM, [&] {
       const FewPositives f =
-          collect_positives<scalar_t, acc_t, kM>(x, sx, y, sy, l, groups, false, stream);
+          collect_positives<scalar_t, acc_t, kM>(xf, sx, yf, sy, l, groups, false, stream);
       if (!f.fits && f.any_valid) return;  // the sort path
       fused = true;
       at::Tensor Gx = zeros({N, D}, acc_options);
@@ -659,17 +661,17 @@ std::tuple<at::Tensor, at::Tensor> BatchAllLoss::run_backward(
       if (f.any_valid) {  // else the loss is the constant 0: its gradient is exactly 0
         dispatch_lanes(f.W, [&](auto w) {
           batch_all_fused_backward<scalar_t, acc_t, kM, decltype(w)::value>(
-              FusedInputs{x, y, l, stream}, sx, sy, f, static_cast<acc_t>(margin), Gx, gy);
+              FusedInputs{xf, yf, l, stream}, sx, sy, f, static_cast<acc_t>(margin), Gx, gy);
         });
       }
-      grad_x = finish_grad<scalar_t, acc_t>(Gx, gls, x, stream);
-      if (Gy.defined()) grad_y = finish_grad<scalar_t, acc_t>(Gy, gls, y, stream);
+      grad_x = finish_grad<scalar_t, acc_t>(Gx, gls, xf, stream);
+      if (Gy.defined()) grad_y = finish_grad<scalar_t, acc_t>(Gy, gls, yf, stream);
     });
   });
   if (!fused) {
     return run_loss_backward<BatchAllLoss>(gls, x, y, cand_labels, l, margin, metric, y_grad);
   }
-  return {grad_x, grad_y};
+  return fused_grads_in(x.scalar_type(), grad_x, grad_y);
 }
 
 }  // namespace

@@ -5,7 +5,8 @@
 //   * the metric epilogue d = f(<a,b>, |a|^2, |b|^2) and exact pair distances, by one warp
 //     per pair (warp_pair_distance) and for a whole warp of tile elements at once with the
 //     near-zero pairs recomputed one warp per pair (warp_tile_distance),
-//   * a tiled distance kernel writing (rows x cols) distances on the TileMainloop.
+//   (the tiled distance kernel writing (rows x cols) distances on the TileMainloop, and its
+//   launcher, are in tiles.cu, declared in tiles.cuh).
 //
 // Precision: float32 / float16 / bfloat16 inputs are converted to float32 when staged in
 // shared memory and every product is accumulated in float32 with plain FFMA (no tensor
@@ -268,61 +269,6 @@ struct TileMainloopFor<c10::BFloat16> {
 };
 template <typename scalar_t>
 using TileMainloop = typename TileMainloopFor<scalar_t>::type;
-
-// out[r * ldo + c] = d(A_r, B_c), r < nA, c < nB. One block per kBM x kBN output tile; the
-// 1-D grid enumerates tiles row-major (tile = ta * tilesB + tb). Epilogue: element
-// e = tid + k * kThreads of the tile is (e / kBN, e % kBN), so a warp takes 32 consecutive
-// columns of one row: conflict-free shared reads, coalesced column statistics and stores.
-template <class ML, typename out_t, Metric M>
-__global__ void __launch_bounds__(ML::kThreads, ML::kMinBlocks)
-    distance_kernel(const typename ML::scalar_t* __restrict__ A,
-                    RowStats<typename ML::acc_t> sa, int64_t nA,
-                    const typename ML::scalar_t* __restrict__ B,
-                    RowStats<typename ML::acc_t> sb, int64_t nB, int64_t D,
-                    out_t* __restrict__ out, int64_t ldo, int64_t tilesB) {
-  using acc_t = typename ML::acc_t;
-  static_assert(ML::kBN % kWarp == 0, "a warp's 32 elements share one tile row");
-  static_assert((ML::kBM * ML::kBN) % ML::kThreads == 0, "whole steps");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto& s = *reinterpret_cast<typename ML::Shared*>(smem_raw);
-  const int64_t tile = blockIdx.x;
-  const int64_t a0 = (tile / tilesB) * ML::kBM;
-  const int64_t b0 = (tile % tilesB) * ML::kBN;
-  ML::run(A, nA, a0, B, nB, b0, D, s);
-  constexpr int kSteps = ML::kBM * ML::kBN / ML::kThreads;
-#pragma unroll 4
-  for (int k = 0; k < kSteps; ++k) {  // uniform trip count (warp_tile_distance's ballot)
-    const int e = static_cast<int>(threadIdx.x) + k * ML::kThreads;
-    const int r = e / ML::kBN, c = e % ML::kBN;
-    const int64_t gr = a0 + r, gc = b0 + c;
-    const bool active = gr < nA && gc < nB;
-    const acc_t sq_a = active ? sa.sq[gr] : acc_t(0), inv_a = active ? sa.inv[gr] : acc_t(0);
-    const acc_t sq_b = active ? sb.sq[gc] : acc_t(0), inv_b = active ? sb.inv[gc] : acc_t(0);
-    const acc_t d = warp_tile_distance<M>(active, s.dot(r, c), A, gr, sq_a, inv_a, B, gc, sq_b,
-                                          inv_b, D);
-    if (active) out[gr * ldo + gc] = static_cast<out_t>(d);
-  }
-}
-
-// Distances between the nA rows of A and the nB rows of B (both (n, D) contiguous on the
-// current device, with their statistics) into out (row stride ldo).
-template <typename scalar_t, typename acc_t, typename out_t, Metric M>
-void launch_distance(const scalar_t* A, RowStats<acc_t> sa, int64_t nA, const scalar_t* B,
-                     RowStats<acc_t> sb, int64_t nB, int64_t D, out_t* out, int64_t ldo,
-                     cudaStream_t stream) {
-  using ML = TileMainloop<scalar_t>;
-  static_assert(std::is_same<typename ML::acc_t, acc_t>::value, "the mainloop's acc_t");
-  if (nA == 0 || nB == 0) return;
-  const int64_t tilesA = ceil_div(nA, ML::kBM), tilesB = ceil_div(nB, ML::kBN);
-  TORCH_CHECK(tilesA <= kMaxGridX / tilesB, "triplet_cuda: distance grid too large (", nA,
-              " x ", nB, ")");
-  auto kernel = distance_kernel<ML, out_t, M>;
-  const size_t smem = sizeof(typename ML::Shared);
-  set_dynamic_smem(kernel, smem);
-  kernel<<<grid_1d(tilesA * tilesB), ML::kThreads, smem, stream>>>(A, sa, nA, B, sb, nB, D, out,
-                                                                   ldo, tilesB);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 }  // namespace cuda
 }  // namespace triplet_cuda

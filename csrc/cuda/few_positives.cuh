@@ -59,6 +59,26 @@ __device__ __noinline__ acc_t thread_exact_distance(const scalar_t* __restrict__
   return epi::exact_distance<M>(s, inv_a, inv_b);
 }
 
+// The fused path's embeddings: float16 / bfloat16 as a float32 copy, float32 / float64 as
+// they are. FusedMainloop stages every element as acc_t (float for the half types) and the
+// positives and exact-distance loops convert on load too, so the float32 kernels on the copy
+// give a half type's results bit for bit: the fused kernels are instantiated for float and
+// double only (half the device code of batch_all.cu and semi_hard.cu, half their compile
+// time), at the cost of one (N, D) float32 copy. Gradients are converted back by the caller.
+inline at::Tensor fused_embeddings(const at::Tensor& x) {
+  const at::ScalarType t = x.scalar_type();
+  return (t == at::kHalf || t == at::kBFloat16) ? x.to(at::kFloat).contiguous() : x;
+}
+
+// The fused backward's gradients (in the dtype of fused_embeddings) in the embeddings' dtype:
+// the float32 values rounded once, as finish_grad rounds G * grad_loss_sum itself.
+inline std::tuple<at::Tensor, at::Tensor> fused_grads_in(at::ScalarType dtype,
+                                                         const at::Tensor& gx,
+                                                         const at::Tensor& gy) {
+  if (gx.scalar_type() == dtype) return {gx, gy};
+  return {gx.to(dtype), gy.defined() ? gy.to(dtype) : gy};
+}
+
 // Anchors x (N, D) against candidates y (C, D) (y may be x), N, C > 0, C < 2^31.
 struct FusedInputs {
   const at::Tensor& x;

@@ -10,7 +10,7 @@
 
 #include "ops_cuda.h"
 #include "../knn_args.h"
-#include "distance.cuh"
+#include "tiles.cuh"
 
 namespace triplet_cuda {
 namespace cuda {

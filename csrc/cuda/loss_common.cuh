@@ -17,7 +17,7 @@
 #pragma once
 
 #include "distance.cuh"
-#include "pair_grad.cuh"
+#include "tiles.cuh"
 #include "row_labels.cuh"
 
 namespace triplet_cuda {

@@ -15,6 +15,7 @@
 // shared memory (P, Q and the 16 x 64 slab of the other operand). Each split writes its
 // own partial (split, row, k) in acc_t; a second kernel adds the splits in a fixed order
 // (deterministic, no atomics) and writes / accumulates the output.
+// Included by tiles.cu only; the other files call launch_pair_grad through tiles.cuh.
 #pragma once
 
 #include "distance.cuh"

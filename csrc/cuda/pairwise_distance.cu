@@ -1,9 +1,9 @@
 // pairwise_distance on CUDA: a tiled dot-product kernel with a fused distance epilogue;
-// backward as two tiled "coefficient matrix x operand" products (pair_grad.cuh).
+// backward as two tiled "coefficient matrix x operand" products (pair_grad.cuh); both
+// compiled in tiles.cu.
 
 #include "ops_cuda.h"
-#include "distance.cuh"
-#include "pair_grad.cuh"
+#include "tiles.cuh"
 
 namespace triplet_cuda {
 namespace cuda {

@@ -576,22 +576,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> SemiHardLoss::run_forward(
   const LabelGroups groups = label_groups(cand_labels, stream);
   const RowResults rows = make_row_results(x);
   bool fused = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "semi_hard_loss_cuda", [&] {
+  const at::Tensor xf = fused_embeddings(x);  // float16 / bfloat16: a float32 copy
+  const at::Tensor yf = l.symmetric() ? xf : fused_embeddings(y);
+  AT_DISPATCH_FLOATING_TYPES(xf.scalar_type(), "semi_hard_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(x, stream);
+    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(xf, stream);
     const at::Tensor stats_y =
-        l.symmetric() ? stats_x : compute_row_stats<scalar_t, acc_t>(y, stream);
+        l.symmetric() ? stats_x : compute_row_stats<scalar_t, acc_t>(yf, stream);
     const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
     const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
     TC_METRIC_SWITCH(metric, kM, [&] {
       const FewPositives f =
-          collect_positives<scalar_t, acc_t, kM>(x, sx, y, sy, l, groups, true, stream);
+          collect_positives<scalar_t, acc_t, kM>(xf, sx, yf, sy, l, groups, true, stream);
       if (!f.fits) return;
       fused = true;
       dispatch_lanes(f.W, [&](auto w) {
         semi_hard_fused_mine<scalar_t, acc_t, kM, decltype(w)::value>(
-            FusedInputs{x, y, l, stream}, sx, sy, f, static_cast<acc_t>(margin), &rows);
+            FusedInputs{xf, yf, l, stream}, sx, sy, f, static_cast<acc_t>(margin), &rows);
       });
     });
   });
@@ -612,17 +613,18 @@ std::tuple<at::Tensor, at::Tensor> SemiHardLoss::run_backward(
   const LabelGroups groups = label_groups(cand_labels, stream);
   at::Tensor grad_x, grad_y;
   bool fused = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "semi_hard_loss_backward_cuda", [&] {
+  const at::Tensor xf = fused_embeddings(x);  // float16 / bfloat16: a float32 copy
+  const at::Tensor yf = same_set ? xf : fused_embeddings(y);
+  AT_DISPATCH_FLOATING_TYPES(xf.scalar_type(), "semi_hard_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(x, stream);
-    const at::Tensor stats_y = same_set ? stats_x : compute_row_stats<scalar_t, acc_t>(y, stream);
+    const auto acc_options = xf.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(xf, stream);
+    const at::Tensor stats_y = same_set ? stats_x : compute_row_stats<scalar_t, acc_t>(yf, stream);
     const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
     const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
     TC_METRIC_SWITCH(metric, kM, [&] {
       const FewPositives f =
-          collect_positives<scalar_t, acc_t, kM>(x, sx, y, sy, l, groups, true, stream);
+          collect_positives<scalar_t, acc_t, kM>(xf, sx, yf, sy, l, groups, true, stream);
       if (!f.fits && f.any_valid) return;  // the sort path
       fused = true;
       at::Tensor Gx = zeros({N, D}, acc_options);
@@ -630,20 +632,20 @@ std::tuple<at::Tensor, at::Tensor> SemiHardLoss::run_backward(
       at::Tensor* gy = same_set ? &Gx : (y_grad ? &Gy : nullptr);
       if (f.any_valid) {  // else the loss is the constant 0: its gradient is exactly 0
         dispatch_lanes(f.W, [&](auto w) {
-          const FusedInputs in{x, y, l, stream};
+          const FusedInputs in{xf, yf, l, stream};
           const SemiHardChoices ch = semi_hard_fused_mine<scalar_t, acc_t, kM, decltype(w)::value>(
               in, sx, sy, f, static_cast<acc_t>(margin), nullptr);
           semi_hard_fused_backward<scalar_t, acc_t, kM>(in, sx, sy, f, ch, Gx, gy);
         });
       }
-      grad_x = finish_grad<scalar_t, acc_t>(Gx, gls, x, stream);
-      if (Gy.defined()) grad_y = finish_grad<scalar_t, acc_t>(Gy, gls, y, stream);
+      grad_x = finish_grad<scalar_t, acc_t>(Gx, gls, xf, stream);
+      if (Gy.defined()) grad_y = finish_grad<scalar_t, acc_t>(Gy, gls, yf, stream);
     });
   });
   if (!fused) {
     return run_loss_backward<SemiHardLoss>(gls, x, y, cand_labels, l, margin, metric, y_grad);
   }
-  return {grad_x, grad_y};
+  return fused_grads_in(x.scalar_type(), grad_x, grad_y);
 }
 
 }  // namespace
@@ -677,6 +679,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_triplets_impl(const Min
   at::Tensor out_p = empty({T}, idx_options);
   at::Tensor out_n = empty({T}, idx_options);
   if (T == 0) return {out_a, out_p, out_n};
+  // Few positives: the fused mining, the very choices of the loss (as on the CPU).
+  bool fused = false;
+  if (C <= std::numeric_limits<int32_t>::max()) {
+    const at::Tensor xf = fused_embeddings(x);  // float16 / bfloat16: a float32 copy
+    const at::Tensor yf = in.symmetric() ? xf : fused_embeddings(y);
+    AT_DISPATCH_FLOATING_TYPES(xf.scalar_type(), "semi_hard_triplets_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const at::Tensor stats_x = compute_row_stats<scalar_t, acc_t>(xf, stream);
+      const at::Tensor stats_y =
+          in.symmetric() ? stats_x : compute_row_stats<scalar_t, acc_t>(yf, stream);
+      const RowStats<acc_t> sx = row_stats_view<acc_t>(stats_x);
+      const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
+      TC_METRIC_SWITCH(metric, kM, [&] {
+        const FewPositives f =
+            collect_positives<scalar_t, acc_t, kM>(xf, sx, yf, sy, l, groups, true, stream);
+        if (!f.fits) return;
+        fused = true;
+        dispatch_lanes(f.W, [&](auto w) {
+          const SemiHardChoices ch = semi_hard_fused_mine<scalar_t, acc_t, kM, decltype(w)::value>(
+              FusedInputs{xf, yf, l, stream}, sx, sy, f, acc_t(0), nullptr);
+          semi_hard_fused_triplets_kernel<<<elementwise_grid(N * kFusedMaxPositives),
+                                            kElementwiseThreads, 0, stream>>>(
+              N, f.npos.data_ptr<int64_t>(), f.nneg.data_ptr<int64_t>(),
+              f.pidx.data_ptr<int64_t>(), ch.neg.data_ptr<int64_t>(),
+              offsets.data_ptr<int64_t>(), out_a.data_ptr<int64_t>(),
+              out_p.data_ptr<int64_t>(), out_n.data_ptr<int64_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
+  }
+  if (fused) return {out_a, out_p, out_n};
+  // Many positives: the loss's sort path over distance chunks.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "semi_hard_triplets_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -687,25 +722,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semi_hard_triplets_impl(const Min
     const RowStats<acc_t> sy = row_stats_view<acc_t>(stats_y);
     const int64_t R = chunk_rows(N, C, semi_hard_bytes_per_elem<acc_t>());
     TC_METRIC_SWITCH(metric, kM, [&] {
-      // Few positives: the fused mining, the very choices of the loss (as on the CPU).
-      if (C <= std::numeric_limits<int32_t>::max()) {
-        const FewPositives f =
-            collect_positives<scalar_t, acc_t, kM>(x, sx, y, sy, l, groups, true, stream);
-        if (f.fits) {
-          dispatch_lanes(f.W, [&](auto w) {
-            const SemiHardChoices ch = semi_hard_fused_mine<scalar_t, acc_t, kM, decltype(w)::value>(
-                FusedInputs{x, y, l, stream}, sx, sy, f, acc_t(0), nullptr);
-            semi_hard_fused_triplets_kernel<<<elementwise_grid(N * kFusedMaxPositives),
-                                              kElementwiseThreads, 0, stream>>>(
-                N, f.npos.data_ptr<int64_t>(), f.nneg.data_ptr<int64_t>(),
-                f.pidx.data_ptr<int64_t>(), ch.neg.data_ptr<int64_t>(),
-                offsets.data_ptr<int64_t>(), out_a.data_ptr<int64_t>(),
-                out_p.data_ptr<int64_t>(), out_n.data_ptr<int64_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-          return;
-        }
-      }
       for_each_distance_chunk<scalar_t, acc_t, kM>(
           x, sx, y, sy, R, stream, [&](int64_t i0, int64_t r, const at::Tensor& Dc) {
             const auto [sn, in_idx] = sorted_negatives<acc_t>(Dc, l, i0, r, stream);
