@@ -9,6 +9,7 @@
 #   bash .ci/check_cuda_compile.sh            # all files, 2 in parallel
 #   CUDA_CHECK_JOBS=1 bash .ci/check_cuda_compile.sh csrc/cuda/batch_hard.cu
 #   NVCC_EXTRA_FLAGS="--time /tmp/t.csv" bash .ci/check_cuda_compile.sh   # nvcc phase times
+#   CUDA_CHECK_ARCHS="90" bash .ci/check_cuda_compile.sh   # what a JIT build on an H100 compiles
 #
 # Exits 0 with a message when nvcc is absent; non-zero when any file fails to compile
 # or emits a warning, or a symbol is missing.
@@ -71,11 +72,16 @@ if [[ ! -f "$TORCH_INC/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
 H
 fi
 
+ARCHS="${CUDA_CHECK_ARCHS:-80 90}"
+GENCODE=()
+for a in $ARCHS; do GENCODE+=(-gencode "arch=compute_$a,code=sm_$a"); done
+ARCH_NAMES="sm_${ARCHS// /, sm_}"
+
 # torch.utils.cpp_extension's nvcc flags plus _build.py's (-O3 -lineinfo
 # --expt-relaxed-constexpr); warnings of our own code are errors.
 FLAGS=(${NVCC_EXTRA_FLAGS:-}
   -std=c++20 -O3 -lineinfo --expt-relaxed-constexpr
-  -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+  "${GENCODE[@]}"
   -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
@@ -147,6 +153,6 @@ fi
 if [[ $status -ne 0 ]]; then
   echo "check_cuda_compile: FAILED ($SECONDS s)"
 else
-  echo "check_cuda_compile: all ${#FILES[@]} file(s) compiled (.cu for sm_80 and sm_90) ($SECONDS s)"
+  echo "check_cuda_compile: all ${#FILES[@]} file(s) compiled (.cu for $ARCH_NAMES) ($SECONDS s)"
 fi
 exit $status

@@ -36,7 +36,7 @@ Kernels and the cases that launch them:
 | pair_grad_kernel, combine_splits_kernel (pair_grad.cuh) | pairwise distance, batch all, semi hard, contrastive backward |
 | hard_mine_sym_kernel, hard_sym_merge_kernel, hard_mine_finalize_kernel (batch_hard.cu) | batch hard, mine_triplets batch_hard |
 | hard_mine_partial_kernel (batch_hard.cu) | batch hard over a reference set |
-| hard_pair_keys_kernel, hard_backward_kernel (batch_hard.cu) | batch hard backward |
+| hard_pair_keys_kernel, hard_backward_kernel, hub_chunk_kernel (batch_hard_backward.cu) | batch hard backward |
 | row_prefix_sums_kernel, batch_all_rows_kernel (batch_all.cu) | batch all forward / backward |
 | semi_hard_rows_kernel (forward, backward, mine), semi_hard_counts_kernel (semi_hard.cu) | semi hard, mine_triplets semi_hard |
 | contrastive_rows_kernel (contrastive.cu) | contrastive forward / backward |

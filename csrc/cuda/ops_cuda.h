@@ -22,8 +22,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Ten
                                                                    const at::Tensor& dist,
                                                                    int64_t metric);
 
-// batch_hard.cu. embeddings: (N, D), labels: (N,) -> (pos_dist (N), pos_idx (N) int64,
-// neg_dist (N), neg_idx (N) int64).
+// batch_hard.cu (forward), batch_hard_backward.cu. embeddings: (N, D), labels: (N,) ->
+// (pos_dist (N), pos_idx (N) int64, neg_dist (N), neg_idx (N) int64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels, int64_t metric);
 // grad_pos_dist, grad_neg_dist: (N,); the forward's embeddings (N, D) and outputs -> (N, D).

@@ -30,6 +30,9 @@ namespace cuda {
 // Launch-size limits.
 constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x
 constexpr int kWarp = 32;
+// Blocks of the one-warp-per-row kernels (batch hard's finalize and backward): 8 warps.
+constexpr int kWarpsPerBlock = 8;
+constexpr int kWarpBlockThreads = kWarpsPerBlock * kWarp;
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
