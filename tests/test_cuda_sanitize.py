@@ -32,8 +32,8 @@ Kernels and the cases that launch them:
 
 | kernel (csrc/cuda/) | cases |
 |---|---|
-| row_stats_kernel, distance_kernel (distance.cuh) | every case |
-| pair_grad_kernel, combine_splits_kernel (pair_grad.cuh) | pairwise distance, batch all, semi hard, contrastive backward |
+| row_stats_kernel (distance.cuh), distance_kernel (tiles.cu) | every case |
+| pair_grad_kernel, combine_splits_kernel (pair_grad.cuh, compiled in tiles.cu) | pairwise distance, batch all, semi hard, contrastive backward |
 | hard_mine_sym_kernel, hard_sym_merge_kernel, hard_mine_finalize_kernel (batch_hard.cu) | batch hard, mine_triplets batch_hard |
 | hard_mine_partial_kernel (batch_hard.cu) | batch hard over a reference set |
 | hard_pair_keys_kernel, hard_backward_kernel, hub_chunk_kernel (batch_hard_backward.cu) | batch hard backward |
