@@ -1,5 +1,6 @@
 // Op schemas of the triplet_cuda library, defined once. Kernels live in
-// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m)) and csrc/cuda/*.cu
+// csrc/cpu/*.cpp and csrc/cuda/*.cu, registered by csrc/cpu/register.cpp
+// (TORCH_LIBRARY_IMPL(triplet_cuda, CPU, m)) and csrc/cuda/register.cpp
 // (TORCH_LIBRARY_IMPL(triplet_cuda, CUDA, m)); fake kernels and autograd are
 // registered from Python (triplet_cuda/_ops.py).
 //
