@@ -84,6 +84,7 @@ def _loss_worker(rank, world, init_file, out_dir, shards, names):
             grad, = torch.autograd.grad(loss, x)
             results[name] = (loss.detach(), grad, stats)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while a peer still uses it
     finally:
         dist.destroy_process_group()
 
@@ -106,6 +107,7 @@ def _ddp_worker(rank, world, init_file, out_dir, shards, which):
         loss.backward()
         torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
